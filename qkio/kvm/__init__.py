@@ -1,0 +1,1 @@
+"""A thin, documented layer over /dev/kvm."""

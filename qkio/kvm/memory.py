@@ -1,0 +1,64 @@
+"""Guest physical memory: an anonymous mmap that KVM maps into the guest.
+
+The same object backs ``KVM_SET_USER_MEMORY_REGION`` and is what loaders and
+devices write through, so every access is bounds-checked here: a bad ELF
+header or a confused device gets a ``GuestMemoryError``, never a write past
+the end of the mapping.  Nothing here needs /dev/kvm, so loaders are tested
+on a ``GuestMemory`` that no VM ever sees.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from ..errors import GuestMemoryError
+
+
+class GuestMemory:
+    """``size`` bytes of zeroed, page-aligned host memory for guest RAM."""
+
+    def __init__(self, size: int):
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise GuestMemoryError(f"guest memory size must be a positive multiple of {mmap.PAGESIZE}, not {size}")
+        self.size = size
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # The host virtual address KVM needs (kvm_userspace_memory_region.userspace_addr).
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_address = ctypes.addressof(self._anchor)
+
+    def _check(self, gpa: int, length: int) -> None:
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise GuestMemoryError(
+                f"guest access [{gpa:#x}, {gpa + length:#x}) is outside guest memory [0, {self.size:#x})")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        self._check(gpa, length)
+        return self._map[gpa:gpa + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._check(gpa, len(data))
+        self._map[gpa:gpa + len(data)] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self._check(gpa, length)
+        self._map[gpa:gpa + length] = bytes([byte]) * length
+
+    def read_u32(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 4), "little")
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def close(self) -> None:
+        if self._map is not None:
+            del self._anchor  # drop the exported buffer, or mmap.close() raises BufferError
+            self._map.close()
+            self._map = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
