@@ -1,0 +1,102 @@
+"""The global lock: qemu-kvm's ``qemu_mutex``.
+
+In qemu-kvm 0.12 one plain pthread mutex, ``qemu_mutex``, protects all device
+and main-loop state.  Whoever runs device code holds it:
+
+* the io thread holds it all the time, except around its ``select()``
+  (``main_loop_wait`` unlocks, selects, locks again);
+* a vCPU thread holds it except around ``ioctl(KVM_RUN)`` (``pre_kvm_run``
+  unlocks, ``post_kvm_run`` locks), so guest code runs unlocked and every exit
+  -- a port write to the serial device, say -- is handled locked.
+
+So at any moment at most one thread is emulating devices, and device models
+need no locks of their own.  Upstream QEMU later renamed the idea the "big QEMU
+lock" (BQL), hence this module's name.
+
+Why a ``threading.Lock`` and not an ``RLock``: ``qemu_mutex`` is not recursive,
+and taking it twice in one thread is a bug we want to see as a deadlock in a
+test rather than hide.  ``lock()`` refuses it outright with an error, which is
+kinder than hanging.
+
+Why record waits: contention on this lock is where a VMM's threads stop
+overlapping -- a vCPU exit that wants the lock while the io thread dispatches a
+slow handler.  Acquiring first tries without blocking, which costs nothing when
+the lock is free; only when that fails is the wait timed and written to the
+trace as ``lock waited for``, with the waiting and the holding thread.
+
+Fairness: neither a pthread mutex nor Python's lock is fair.  A thread that
+unlocks and immediately locks again (a vCPU thread looping on fast exits) can
+starve another waiter; qemu-kvm had that property too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from qkio import trace
+
+__all__ = ["GlobalMutex"]
+
+
+class GlobalMutex:
+    """qemu-kvm's ``qemu_mutex``: ``lock()``, ``unlock()``, ``with``, ``held_by_me()``."""
+
+    def __init__(self, tracer: trace.Tracer | None = None, name: str = "qemu_mutex") -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None  # threading.get_ident() of the holder
+        self._owner_name = ""
+        self.name = name
+        self.tracer = tracer if tracer is not None else trace.default
+
+    def lock(self) -> None:
+        """Take the lock, blocking if another thread holds it."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError(f"{self.name} is not recursive and this thread holds it")
+        if not self._lock.acquire(blocking=False):
+            holder = self._owner_name
+            t0 = time.monotonic_ns()
+            self._lock.acquire()
+            self.tracer.complete("lock waited for", t0, lock=self.name, holder=holder)
+        self._owner = me
+        self._owner_name = threading.current_thread().name
+
+    def unlock(self) -> None:
+        """Release the lock; only the holder may."""
+        if self._owner != threading.get_ident():
+            raise RuntimeError(f"{self.name} released by a thread that does not hold it")
+        self._owner = None
+        self._owner_name = ""
+        self._lock.release()
+
+    def held_by_me(self) -> bool:
+        """True if the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+    def locked(self) -> bool:
+        """True if any thread holds the lock (a snapshot, for tests and asserts)."""
+        return self._lock.locked()
+
+    def __enter__(self) -> "GlobalMutex":
+        self.lock()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unlock()
+
+    class _Released:
+        def __init__(self, m: "GlobalMutex") -> None:
+            self.m = m
+
+        def __enter__(self) -> None:
+            self.m.unlock()
+
+        def __exit__(self, *exc: Any) -> None:
+            self.m.lock()
+
+    def released(self) -> "GlobalMutex._Released":
+        """``with lock.released(): blocking_call()`` -- the unlock/relock pair
+        around ``select()`` and ``KVM_RUN``.  The caller must hold the lock."""
+        return GlobalMutex._Released(self)

@@ -1,0 +1,509 @@
+"""The io thread's main loop: fd handlers, timers, bottom halves.
+
+This is qemu-kvm 0.12's ``vl.c`` main loop, reduced to what qkio's devices use.
+The io thread calls ``main_loop_wait`` over and over; one call
+
+1. works out how long it may sleep: the caller's timeout, cut to the next
+   timer's deadline, cut to zero if a bottom half is scheduled;
+2. builds the read and write fd sets from the handler registry -- a reader
+   enters only if it has no ``fd_read_poll`` or its ``fd_read_poll(opaque)``
+   returns non-zero (that is flow control: a serial port whose FIFO is full
+   says "not now" and its fd is simply not watched);
+3. releases the global lock, blocks in ``select()``, takes the lock again;
+4. calls the handler of every fd ``select()`` left set, then frees the records
+   that were deleted;
+5. runs the timers whose deadline has passed;
+6. runs the scheduled bottom halves.
+
+Things worth knowing about it
+-----------------------------
+
+**Deleted records are freed after dispatch, not at once.**  In qemu, a handler
+often removes itself (a char device whose peer hung up).  The dispatch loop is
+walking the very list being changed, so ``qemu_set_fd_handler2`` with both
+callbacks NULL only sets ``deleted = 1``; the walk skips deleted records and
+frees them when it passes them.  qkio keeps that rule: removing a handler
+never disturbs a dispatch in progress, and a removed handler is never called
+again, even if its fd was already in this round's ready set.
+
+**Changing the registry wakes the loop.**  ``qemu_set_fd_handler2`` ends with
+``qemu_notify_event()``, because the io thread may be asleep in ``select()``
+with an fd set built before the change -- a new fd would not be watched until
+the timeout.  Same here, through the ``EventNotifier``.
+
+**Timers.**  In qemu-kvm 0.12 timers were driven by an alarm signal (SIGALRM
+from a host timer), which came back to the io thread through the signal pipe
+and then ``qemu_notify_event``.  qkio folds the next deadline into the wait's
+timeout instead, as modern QEMU does; ``mod_timer`` from another thread rings
+the doorbell so the sleeping io thread recomputes its timeout.
+
+**Bottom halves** are callbacks that the io thread runs at the end of an
+iteration.  ``schedule()`` may be called from any thread (it sets a flag and
+notifies); that is the standard way for a vCPU thread to hand work to the io
+thread.  Like ``qemu_bh_new``, new bottom halves go to the *front* of the
+list, so several scheduled at once run newest first.
+
+**Backends.**  ``select`` is what qemu-kvm used and what the article describes
+(S5): sets are rebuilt every time and the kernel clears the bits of fds that
+are not ready.  It cannot watch fds >= FD_SETSIZE (1024).  ``poll`` takes an
+array instead and has no such limit.  ``epoll`` keeps the interest set in the
+kernel; since the sets here change every iteration (flow control), the epoll
+backend diffs them against what it last registered.  All three give
+``main_loop_wait`` the same answer: which watched fds are ready.
+
+**Never spin.**  Every wait blocks in the kernel; a zero timeout happens only
+when there is work to do right now (a scheduled bottom half).
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import itertools
+import select
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from qkio import trace
+from qkio.bql import GlobalMutex
+from qkio.notify import EventNotifier
+
+__all__ = ["IOHandlerRecord", "QEMUTimer", "QEMUBH", "MainLoop", "BACKENDS", "make_backend"]
+
+IOHandler = Callable[[Any], Any]
+IOCanReadHandler = Callable[[Any], int]
+
+
+@dataclass
+class IOHandlerRecord:
+    """One fd's entry in the handler registry (vl.c ``IOHandlerRecord``)."""
+
+    fd: int
+    fd_read_poll: IOCanReadHandler | None
+    fd_read: IOHandler | None
+    fd_write: IOHandler | None
+    opaque: Any
+    deleted: bool = False
+
+
+# --- wait backends -----------------------------------------------------------
+
+
+class _SelectBackend:
+    name = "select"
+
+    def wait(self, rfds: list[int], wfds: list[int], timeout_s: float | None):
+        r, w, _ = select.select(rfds, wfds, [], timeout_s)
+        return set(r), set(w)
+
+    def close(self) -> None:
+        pass
+
+
+# An fd that has hung up or has an error is "readable" for select(): a read
+# returns 0 or the error.  poll and epoll report those as separate bits, which
+# we fold back into "readable" (and "writable") so that handlers see the same
+# thing under every backend.
+_POLL_R = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_POLL_W = select.POLLOUT | select.POLLERR
+
+
+class _PollBackend:
+    name = "poll"
+
+    def wait(self, rfds: list[int], wfds: list[int], timeout_s: float | None):
+        p = select.poll()
+        masks: dict[int, int] = {}
+        for fd in rfds:
+            masks[fd] = masks.get(fd, 0) | select.POLLIN | select.POLLPRI
+        for fd in wfds:
+            masks[fd] = masks.get(fd, 0) | select.POLLOUT
+        for fd, m in masks.items():
+            p.register(fd, m)
+        ms = None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
+        r: set[int] = set()
+        w: set[int] = set()
+        for fd, ev in p.poll(ms):
+            if ev & select.POLLNVAL:
+                raise OSError(errno.EBADF, f"poll: fd {fd} is not open")
+            if ev & _POLL_R and masks[fd] & select.POLLIN:
+                r.add(fd)
+            if ev & _POLL_W and masks[fd] & select.POLLOUT:
+                w.add(fd)
+        return r, w
+
+    def close(self) -> None:
+        pass
+
+
+class _EpollBackend:
+    """epoll with the interest set kept in sync by diffing.
+
+    The trap with epoll (Trio's ``_io_epoll.py`` explains it at length) is that
+    the kernel registers the *open file description*, not the fd number.
+    Closing an fd removes it from the epoll set only when no other fd refers
+    to the same description; a closed-and-reused fd number may therefore be
+    unknown to epoll (ENOENT on modify) or already known (EEXIST on add).
+    Both are handled by falling back to the other call.
+    """
+
+    name = "epoll"
+
+    def __init__(self) -> None:
+        self._ep = select.epoll()
+        self._registered: dict[int, int] = {}
+
+    def wait(self, rfds: list[int], wfds: list[int], timeout_s: float | None):
+        want: dict[int, int] = {}
+        for fd in rfds:
+            want[fd] = want.get(fd, 0) | select.EPOLLIN | select.EPOLLPRI
+        for fd in wfds:
+            want[fd] = want.get(fd, 0) | select.EPOLLOUT
+        for fd in list(self._registered):
+            if fd not in want:
+                try:
+                    self._ep.unregister(fd)
+                except OSError:
+                    pass  # closed already (EBADF) or gone from the set (ENOENT)
+                del self._registered[fd]
+        for fd, mask in want.items():
+            old = self._registered.get(fd)
+            if old == mask:
+                continue
+            if old is None:
+                try:
+                    self._ep.register(fd, mask)
+                except FileExistsError:
+                    self._ep.modify(fd, mask)
+            else:
+                try:
+                    self._ep.modify(fd, mask)
+                except FileNotFoundError:
+                    self._ep.register(fd, mask)
+            self._registered[fd] = mask
+        r: set[int] = set()
+        w: set[int] = set()
+        for fd, ev in self._ep.poll(-1 if timeout_s is None else timeout_s):
+            mask = want.get(fd, 0)
+            if ev & (select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR) \
+                    and mask & select.EPOLLIN:
+                r.add(fd)
+            if ev & (select.EPOLLOUT | select.EPOLLERR) and mask & select.EPOLLOUT:
+                w.add(fd)
+        return r, w
+
+    def close(self) -> None:
+        self._ep.close()
+
+
+BACKENDS = {"select": _SelectBackend, "poll": _PollBackend, "epoll": _EpollBackend}
+
+
+def make_backend(name: str):
+    """The wait backend called ``name``: ``select``, ``poll`` or ``epoll``."""
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown main loop backend {name!r}; "
+                         f"choose one of {', '.join(BACKENDS)}") from None
+
+
+# --- timers and bottom halves ------------------------------------------------
+
+
+class QEMUTimer:
+    """A one-shot timer on CLOCK_MONOTONIC (``QEMUTimer`` on the host clock).
+
+    Made by ``MainLoop.timer_new``; armed with ``mod_timer(deadline_ns)``
+    (absolute, from ``time.monotonic_ns()``), disarmed with ``del_timer``.
+    The callback runs in the io thread with the global lock held.
+    """
+
+    def __init__(self, loop: "MainLoop", cb: Callable[[Any], Any], opaque: Any) -> None:
+        self._loop = loop
+        self.cb = cb
+        self.opaque = opaque
+        self.expire_ns: int | None = None
+        self._gen = 0  # bumped on every mod/del; stale heap entries are skipped
+
+    def mod_timer(self, deadline_ns: int) -> None:
+        self._loop._mod_timer(self, deadline_ns)
+
+    def del_timer(self) -> None:
+        self._loop._del_timer(self)
+
+    def pending(self) -> bool:
+        return self.expire_ns is not None
+
+
+class QEMUBH:
+    """A bottom half: a callback the io thread runs at the end of an iteration."""
+
+    def __init__(self, loop: "MainLoop", cb: Callable[[Any], Any], opaque: Any) -> None:
+        self._loop = loop
+        self.cb = cb
+        self.opaque = opaque
+        self.scheduled = False
+        self.idle = False
+        self.deleted = False
+
+    def schedule(self) -> None:
+        """Run soon.  Any thread may call it: setting a bool is atomic under the
+        GIL, and the notify makes a sleeping io thread see it."""
+        self.idle = False
+        self.scheduled = True
+        self._loop.notify_event("bh")
+
+    def schedule_idle(self) -> None:
+        """Run within about 10 ms, without waking the io thread (``qemu_bh_schedule_idle``)."""
+        self.idle = True
+        self.scheduled = True
+
+    def cancel(self) -> None:
+        self.scheduled = False
+
+    def delete(self) -> None:
+        self.scheduled = False
+        self.deleted = True
+
+
+# --- the loop ----------------------------------------------------------------
+
+
+class MainLoop:
+    """The io thread's state: handler registry, timers, BHs, notifier, lock, backend.
+
+    ``MainLoop(backend="select", notifier="eventfd", lock=None, tracer=None)``.
+    The notifier's read end is registered at once with its ``drain`` as read
+    handler (qemu-kvm's ``io_thread_wakeup``).  ``lock`` defaults to a new
+    ``GlobalMutex``; the machine passes the one its vCPU threads share.
+    """
+
+    def __init__(self, backend: str = "select", notifier: str | EventNotifier = "eventfd",
+                 lock: GlobalMutex | None = None, tracer: trace.Tracer | None = None) -> None:
+        self.tracer = tracer if tracer is not None else trace.default
+        self.lock = lock if lock is not None else GlobalMutex(tracer=self.tracer)
+        self.backend = make_backend(backend)
+        self.notifier = (notifier if isinstance(notifier, EventNotifier)
+                         else EventNotifier(notifier, tracer=self.tracer))
+        self._handlers: list[IOHandlerRecord] = []
+        self._timers: list[tuple[int, int, int, QEMUTimer]] = []  # (expire, seq, gen, timer)
+        self._seq = itertools.count()
+        self._bhs: list[QEMUBH] = []
+        self._exit_requested = False
+        self.io_thread: int | None = None  # threading.get_ident() of the last waiter
+        self.iterations = 0
+        # Registered directly: nobody can be waiting yet, so no doorbell.
+        self._handlers.append(IOHandlerRecord(self.notifier.read_fd, None,
+                                              self.notifier.drain, None, None))
+
+    # -- the handler registry -----------------------------------------------
+
+    def set_fd_handler2(self, fd: int, fd_read_poll: IOCanReadHandler | None,
+                        fd_read: IOHandler | None, fd_write: IOHandler | None,
+                        opaque: Any = None) -> int:
+        """``qemu_set_fd_handler2``: set or remove fd's handlers.
+
+        Both ``fd_read`` and ``fd_write`` None marks the record deleted (freed
+        after the current dispatch).  Callers hold the global lock, as in qemu.
+        Always wakes the io thread.  Returns 0.
+        """
+        if fd_read is None and fd_write is None:
+            for rec in self._handlers:
+                if rec.fd == fd:
+                    rec.deleted = True
+                    break
+        else:
+            for rec in self._handlers:
+                if rec.fd == fd:
+                    break
+            else:
+                rec = IOHandlerRecord(fd, None, None, None, None)
+                self._handlers.insert(0, rec)
+            rec.fd_read_poll = fd_read_poll
+            rec.fd_read = fd_read
+            rec.fd_write = fd_write
+            rec.opaque = opaque
+            rec.deleted = False
+        self.notify_event("fd handlers changed")
+        return 0
+
+    def set_fd_handler(self, fd: int, fd_read: IOHandler | None,
+                       fd_write: IOHandler | None, opaque: Any = None) -> int:
+        """``qemu_set_fd_handler``: ``set_fd_handler2`` without a can-read poll."""
+        return self.set_fd_handler2(fd, None, fd_read, fd_write, opaque)
+
+    def handlers(self) -> list[IOHandlerRecord]:
+        """The registry as it stands (deleted-but-not-yet-freed records included)."""
+        return list(self._handlers)
+
+    # -- timers and bottom halves -------------------------------------------
+
+    def timer_new(self, cb: Callable[[Any], Any], opaque: Any = None) -> QEMUTimer:
+        return QEMUTimer(self, cb, opaque)
+
+    def _mod_timer(self, t: QEMUTimer, deadline_ns: int) -> None:
+        t._gen += 1
+        t.expire_ns = deadline_ns
+        heapq.heappush(self._timers, (deadline_ns, next(self._seq), t._gen, t))
+        if threading.get_ident() != self.io_thread and self._next_deadline() == deadline_ns:
+            # The io thread may be asleep with a longer timeout.
+            self.notify_event("timer")
+
+    def _del_timer(self, t: QEMUTimer) -> None:
+        t._gen += 1
+        t.expire_ns = None
+
+    def _next_deadline(self) -> int | None:
+        timers = self._timers
+        while timers and timers[0][2] != timers[0][3]._gen:
+            heapq.heappop(timers)  # stale: re-armed or deleted since pushed
+        return timers[0][0] if timers else None
+
+    def bh_new(self, cb: Callable[[Any], Any], opaque: Any = None) -> QEMUBH:
+        bh = QEMUBH(self, cb, opaque)
+        self._bhs.insert(0, bh)
+        return bh
+
+    # -- waking -----------------------------------------------------------
+
+    def notify_event(self, reason: str = "") -> None:
+        """``qemu_notify_event``: make the io thread's wait return.  Any thread."""
+        self.notifier.notify(reason)
+
+    def request_exit(self) -> None:
+        """Make ``run()`` return after the current iteration.  Any thread."""
+        self._exit_requested = True
+        self.notify_event("exit")
+
+    # -- one iteration ------------------------------------------------------
+
+    def main_loop_wait(self, timeout_ms: int) -> int:
+        """One iteration; returns the number of fd handlers called.
+
+        Called by the io thread with the global lock held, as in qemu-kvm.  A
+        caller that does not hold it (a test, a notebook cell) gets it taken
+        for the duration of the call.
+        """
+        if not self.lock.held_by_me():
+            with self.lock:
+                return self.main_loop_wait(timeout_ms)
+        self.io_thread = threading.get_ident()
+        self.iterations += 1
+        tracer = self.tracer
+
+        # 1. how long may we sleep?
+        timeout_ns = max(0, int(timeout_ms)) * 1_000_000
+        for bh in self._bhs:
+            if bh.scheduled and not bh.deleted:
+                timeout_ns = min(timeout_ns, 10_000_000 if bh.idle else 0)
+        deadline = self._next_deadline()
+        if deadline is not None:
+            timeout_ns = min(timeout_ns, max(0, deadline - time.monotonic_ns()))
+
+        # 2. the fd sets
+        rfds: list[int] = []
+        wfds: list[int] = []
+        for rec in self._handlers:
+            if rec.deleted:
+                continue
+            if rec.fd_read and (rec.fd_read_poll is None or rec.fd_read_poll(rec.opaque)):
+                rfds.append(rec.fd)
+            if rec.fd_write:
+                wfds.append(rec.fd)
+
+        # 3. sleep without the lock
+        if tracer.enabled:
+            tracer.begin("main_loop_wait", backend=self.backend.name, rfds=rfds,
+                         wfds=wfds, timeout_ms=timeout_ns / 1e6)
+        with self.lock.released():
+            ready_r, ready_w = self.backend.wait(rfds, wfds, timeout_ns / 1e9)
+        if tracer.enabled:
+            tracer.end("main_loop_wait", ready_r=sorted(ready_r), ready_w=sorted(ready_w),
+                       timed_out=not (ready_r or ready_w))
+
+        # 4. dispatch, then free what was deleted (possibly by the handlers)
+        called = 0
+        if ready_r or ready_w:
+            for rec in list(self._handlers):
+                if not rec.deleted and rec.fd_read and rec.fd in ready_r:
+                    self._call("fd_read", rec.fd_read, rec.opaque, fd=rec.fd)
+                    called += 1
+                if not rec.deleted and rec.fd_write and rec.fd in ready_w:
+                    self._call("fd_write", rec.fd_write, rec.opaque, fd=rec.fd)
+                    called += 1
+        if any(rec.deleted for rec in self._handlers):
+            self._handlers = [rec for rec in self._handlers if not rec.deleted]
+
+        # 5. timers
+        now = time.monotonic_ns()
+        while True:
+            deadline = self._next_deadline()
+            if deadline is None or deadline > now:
+                break
+            _, _, _, t = heapq.heappop(self._timers)
+            t.expire_ns = None
+            t._gen += 1
+            self._call("timer", t.cb, t.opaque, late_us=(now - deadline) / 1000)
+
+        # 6. bottom halves
+        for bh in list(self._bhs):
+            if bh.scheduled and not bh.deleted:
+                bh.scheduled = False
+                self._call("bh", bh.cb, bh.opaque)
+        if any(bh.deleted for bh in self._bhs):
+            self._bhs = [bh for bh in self._bhs if not bh.deleted]
+        return called
+
+    def _call(self, kind: str, fn: Callable[[Any], Any], opaque: Any, **args: Any) -> None:
+        if self.tracer.enabled:
+            with self.tracer.span(f"{kind} {getattr(fn, '__qualname__', fn)!s}", **args):
+                fn(opaque)
+        else:
+            fn(opaque)
+
+    # -- running ------------------------------------------------------------
+
+    def run_until(self, predicate: Callable[[], bool], timeout_ms: int = 1000,
+                  deadline_s: float | None = None) -> bool:
+        """Iterate until ``predicate()`` is true (checked with the lock held,
+        before each wait).  Returns False if ``deadline_s`` seconds pass first."""
+        end = None if deadline_s is None else time.monotonic() + deadline_s
+        taken = not self.lock.held_by_me()
+        if taken:
+            self.lock.lock()
+        try:
+            while not predicate():
+                wait_ms = timeout_ms
+                if end is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    wait_ms = min(timeout_ms, int(left * 1000) + 1)
+                self.main_loop_wait(wait_ms)
+            return True
+        finally:
+            if taken:
+                self.lock.unlock()
+
+    def run(self, timeout_ms: int = 1000) -> None:
+        """``kvm_main_loop``'s loop: iterate until ``request_exit()``."""
+        self.run_until(lambda: self._exit_requested, timeout_ms)
+        self._exit_requested = False
+
+    def close(self) -> None:
+        self.backend.close()
+        self.notifier.close()
+
+    def __enter__(self) -> "MainLoop":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def fds_of(records: Iterable[IOHandlerRecord]) -> list[int]:
+    """The fds of live (not deleted) records."""
+    return [r.fd for r in records if not r.deleted]
