@@ -251,3 +251,56 @@ def test_trace_of_the_signal_path_is_valid_chrome_json(child, tmp_path):
     assert got and got[0]["tid"] == tid_of["qkio-sigwait"]
     recv = [ev for ev in events if ev["name"] == "signal received"]
     assert recv and all(ev["tid"] == tid_of["qkio-io"] for ev in recv)
+
+
+def test_sigprocmask_reaches_only_the_calling_thread():
+    # The article's S7 says sigprocmask blocks a signal for the whole process.
+    # In a threaded process it changes only the caller's mask: a thread that
+    # already exists keeps its own.  (Checked in this process's /proc; the
+    # mask is restored afterwards.)
+    import threading
+
+    from qkio.signals import blocked_signals
+    from qkio.threads import gettid
+
+    stop = threading.Event()
+    tids = []
+
+    def worker():
+        tids.append(gettid())
+        stop.wait()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while not tids:
+        time.sleep(0.001)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        assert signal.SIGUSR2 in blocked_signals()
+        assert signal.SIGUSR2 not in blocked_signals(tids[0])
+        if signal.SIGUSR2 not in old:
+            late = []
+            t2 = threading.Thread(target=lambda: late.append(blocked_signals(gettid())))
+            t2.start()
+            t2.join()
+            assert signal.SIGUSR2 in late[0]  # a thread created now inherits it
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        stop.set()
+        t.join()
+
+
+def test_block_vmm_signals_refuses_when_threads_exist():
+    import threading
+
+    from qkio.signals import block_vmm_signals
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait)
+    t.start()
+    try:
+        with pytest.raises(RuntimeError, match="before any other thread"):
+            block_vmm_signals()
+    finally:
+        stop.set()
+        t.join()
