@@ -18,7 +18,10 @@ The two ports are one 2-byte region with one set of handlers, and the access
 * an 8-bit write is a data write, which QEMU has ignored since 2.4, so
   ``out 0x510, al`` does *not* select anything;
 * any other width is refused by the region's ``valid.accepts`` check; QEMU's
-  memory core then reads 0 and drops writes, and so does this model.
+  memory core then reads 0 and drops writes, and so does this model.  Note
+  that a 32-bit access at 0x510 never gets that far: it runs past the 2-byte
+  region, so the bus (like QEMU's) cuts it into a 16-bit access at 0x510 --
+  a 32-bit OUT selects its low half -- and two bytes for ports 0x512-0x513.
 
 Items are byte strings.  Multi-byte numbers are little-endian (QEMU's
 ``fw_cfg_add_i16/i32/i64``), except in the file directory, whose count and
