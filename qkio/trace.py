@@ -31,6 +31,30 @@ Why it is shaped like this
   trace shows the same names as ``ps -L`` (``qkio-io``, ``CPU 0/KVM``,
   ``qkio-sigwait``), not Python's ``Thread-3``.
 
+Event names
+-----------
+
+So that a trace reads the same whoever wrote the code, qkio uses these names:
+
+========================  ====  =============================================
+name                      ph    recorded by / args
+========================  ====  =============================================
+``main_loop_wait``        B/E   io thread around its wait; B: backend, rfds,
+                                wfds, timeout_ms; E: ready_r, ready_w,
+                                timed_out
+``fd_read <handler>``     B/E   dispatch of a read handler (also
+                                ``fd_write``, ``timer``, ``bh``); args: fd
+``notify sent``           i     any thread ringing the event notifier; by,
+                                fd, reason
+``notify drained``        i     io thread, ``io_thread_wakeup``; count
+``sigwaitinfo returned``  i     the ``qkio-sigwait`` thread; signo, pid
+``signal received``       i     whoever ran the handler; signo, path, sender
+``lock waited for``       X     a thread whose lock() blocked; lock, holder
+``KVM_RUN``               B/E   vCPU thread; E: exit_reason
+``kick sent``             i     the kicker; target
+``kick received``         i     the kicked vCPU thread
+========================  ====  =============================================
+
 The export format is the Chrome "Trace Event Format" (the JSON object form,
 ``{"traceEvents": [...]}``), which ui.perfetto.dev and chrome://tracing open
 directly: ``ph`` is the phase (``B``/``E`` begin and end a slice on a thread,

@@ -5,7 +5,8 @@ with their own masks and default handlers, and a stray SIGTERM would end the
 test run.  This script is a VMM without vCPUs: it blocks the VMM's signals
 before any thread exists, sets up a MainLoop and a SignalSource, and then
 
-* prints JSON lines on stdout (``ready``, ``signal`` for SIGTERM, ``report``,
+* prints JSON lines on stdout (``ready``, ``signal`` for SIGTERM, ``got`` for
+  each signal named with ``--echo`` (time it was handled, for latency), ``report``,
   ``busy``/``busy_done``, ``exit``);
 * takes JSON commands on stdin, which is itself an fd in the main loop:
   ``{"cmd": "report"}``, ``{"cmd": "busy", "seconds": s}`` (hold the io thread
@@ -43,6 +44,8 @@ def main():
     ap.add_argument("--rt", type=int, default=0, help="also take SIGRTMIN+8 .. +8+N-1")
     ap.add_argument("--force-signalfd-failure", action="store_true")
     ap.add_argument("--trace", default="")
+    ap.add_argument("--echo", type=int, action="append", default=[],
+                    help="emit a 'got' line (with CLOCK_MONOTONIC time) for each such signal")
     args = ap.parse_args()
 
     rt = tuple(signal.SIGRTMIN + 8 + i for i in range(args.rt))
@@ -69,8 +72,14 @@ def main():
              thread=threading.current_thread().name, t=time.monotonic())
         loop.request_exit()
 
+    def echo(info):
+        t = time.monotonic()
+        count(info)
+        emit(event="got", signo=info.signo, path=info.path, t=t,
+             cpu=time.process_time())
+
     for s in wanted:
-        src.add_handler(s, count)
+        src.add_handler(s, echo if s in args.echo else count)
     src.add_handler(signal.SIGTERM, on_term)
 
     pending = b""
