@@ -217,7 +217,7 @@ def _kernel_from_header(image: bytes, header: MultibootHeader) -> tuple[_KernelI
     else:
         load_size = len(image) - text_offset  # 0 means "to the end of the file"
     if load_size > 0xFFFF_FFFF - h.load_addr:
-        raise BadKernel(f"bad Multiboot header: {load_size:#x} bytes at {h.load_addr:#x} pass 4 GiB")
+        raise BadKernel(f"bad Multiboot header: {load_size:#x} bytes at {h.load_addr:#x} run past 4 GiB")
     if h.bss_end_addr:
         if h.bss_end_addr < h.load_addr + load_size:
             raise BadKernel(f"bad Multiboot header: bss_end_addr {h.bss_end_addr:#x} "
@@ -458,9 +458,9 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     load_end = load_addr + buffer_size
 
     # Refuse anything that would not fit, before building a single byte.
-    if load_end > FOUR_GIB:
-        raise BadKernel(f"kernel and modules [{load_addr:#x}, {load_end:#x}) pass 4 GiB")
     what = "kernel and modules" if modules else "kernel"
+    if load_end > FOUR_GIB:
+        raise BadKernel(f"{what} [{load_addr:#x}, {load_end:#x}) runs past 4 GiB")
     _check_placement(what, load_addr, load_end, regions)
 
     buffer = bytearray(buffer_size)
