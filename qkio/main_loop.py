@@ -64,7 +64,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from qkio import trace
 from qkio.bql import GlobalMutex
@@ -503,7 +503,3 @@ class MainLoop:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def fds_of(records: Iterable[IOHandlerRecord]) -> list[int]:
-    """The fds of live (not deleted) records."""
-    return [r.fd for r in records if not r.deleted]

@@ -84,7 +84,6 @@ import os
 import signal
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
