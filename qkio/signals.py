@@ -91,7 +91,7 @@ from qkio import trace
 from qkio.threads import start_thread
 
 __all__ = ["VMM_SIGNALS", "SIGNALFD_SIGINFO_SIZE", "SigInfo", "SignalSource",
-           "block_vmm_signals", "signalfd", "thread_count"]
+           "block_vmm_signals", "blocked_signals", "signalfd", "thread_count"]
 
 #: The signals a qkio VMM takes synchronously (qemu-kvm 0.12 blocked SIGIO,
 #: SIGALRM and SIGBUS in the io thread, and SIGUSR2 for posix-aio; qkio adds the
