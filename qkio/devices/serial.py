@@ -128,6 +128,9 @@ _TRIGGER_LEVELS = {0x00: 1, 0x40: 4, 0x80: 8, 0xC0: 14}
 #: How many ports the UART decodes.
 SERIAL_IO_SIZE = 8
 
+# Every possible one-byte ``bytes``, made once so sending a byte allocates nothing.
+_BYTE = tuple(bytes((i,)) for i in range(256))
+
 
 class Serial:
     """A 16550A UART.  Register it on a :class:`~qkio.devices.ioport.PortBus`
@@ -392,9 +395,9 @@ class Serial:
         self._update_irq()
         if self.mcr & UART_MCR_LOOP:
             # Loopback: the transmitter's output is wired to the receiver.
-            self.receive(bytes((value,)))
+            self.receive(_BYTE[value])
         else:
-            self.output(bytes((value,)))
+            self.output(_BYTE[value])
 
     def _write_ier(self, value: int) -> None:
         if self.lcr & UART_LCR_DLAB:
