@@ -1,0 +1,201 @@
+"""The book is the test suite: collect ``notebooks/*.md`` as nbval notebooks.
+
+nbval only collects ``.ipynb`` files, and a MyST Markdown notebook has no
+outputs to compare against.  So each chapter is two files:
+
+``notebooks/NN-name.md``
+    the source: prose, code cells, cell tags.  This is what people edit and
+    review, and what Sphinx renders.
+``notebooks/NN-name.ipynb``
+    its *golden* copy: the same notebook executed by ``scripts/regen-goldens``
+    (``jupytext --to ipynb --execute``).  Only its outputs are used here.
+
+For every ``.md`` this plugin takes the inputs and tags from the ``.md`` and the
+outputs from the golden (``jupytext.combine.combine_inputs_with_outputs``) and
+hands the result to nbval's own ``IPyNbFile``/``IPyNbCell``.  So each code cell
+is its own test item (``notebooks/01-hello.md::Cell 3``) with nbval's output
+comparison, its markers (``# NBVAL_IGNORE_OUTPUT``, ``# NBVAL_SKIP``,
+``# NBVAL_RAISES_EXCEPTION``) and tags (``nbval-ignore-output``,
+``nbval-skip``, ``raises-exception``...), its timeouts, and the sanitizer in
+``tests/nbval_sanitize.cfg``.  One more item per notebook,
+``golden-is-current``, fails when the golden no longer has the same cells as
+the ``.md`` (someone edited the source and did not regenerate).
+
+stderr is **not** compared.  Two reasons: what a child process writes to fd 2
+reaches the kernel through ipykernel's fd-level capture thread, so *when* it
+shows up (this cell or the next) is a race; and Python warnings carry host
+paths and line numbers.  Claims the book makes must be printed to stdout (or
+be a cell's value).  The book still shows stderr.
+
+A notebook whose front matter says::
+
+    qkio:
+      requires_kvm: true
+
+is skipped, with the reason (missing device, no permission, KVM_CREATE_VM
+refused...), on a machine where /dev/kvm cannot create a VM.  Its
+``golden-is-current`` item still runs: it needs no KVM.
+
+Why the collector is a plugin object registered from ``pytest_configure``
+rather than plain conftest hooks: hooks in a ``conftest.py`` only see files
+below the conftest's own directory, and the notebooks live in ``notebooks/``,
+a sibling of ``tests/``.  A registered plugin object is global.  For
+``pytest notebooks/x.md``, where pytest never loads this file by itself,
+``docs/_ext/qkio_book.py`` (loaded with ``-p qkio_book`` from pyproject.toml)
+registers the same ``BookNotebooks`` object.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
+
+import qkio_book  # noqa: E402  (docs/_ext/qkio_book.py: KVM probe, front matter)
+
+try:  # nbval and jupytext are in the "test" extra; without them only unit tests run
+    import jupytext
+    import nbformat
+    from jupytext.combine import combine_inputs_with_outputs
+    from nbval.plugin import IPyNbCell, IPyNbFile, find_comment_markers, find_metadata_tags
+except ImportError:  # pragma: no cover
+    IPyNbFile = None
+
+REGEN = "scripts/regen-goldens"
+
+
+def _describe_changes(src, gold) -> list[str]:
+    """Name changed cells the way nbval names its items (code cells count from 0)."""
+    out, code = [], 0
+    for (kind, a), (_, b) in zip(src, gold):
+        if a != b:
+            out.append(f"Cell {code}" if kind == "code" else f"a {kind} cell before Cell {code}")
+        code += kind == "code"
+    return out
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+if IPyNbFile is not None:
+
+    class GoldenIsCurrent(pytest.Item):
+        """The golden .ipynb has exactly the cells of the .md (no KVM needed)."""
+
+        def runtest(self):
+            md = self.path
+            golden = qkio_book.golden_path(md)
+            rel = md.relative_to(ROOT) if md.is_relative_to(ROOT) else md
+            if not golden.exists():
+                raise GoldenMismatch(
+                    f"{rel}: no golden outputs ({golden.name} is missing), so no cell output was compared.\n"
+                    f"Create it with:  {REGEN} {rel}")
+            src = _cells(jupytext.read(md))
+            gold = _cells(nbformat.read(golden, as_version=4))
+            if src != gold:
+                if len(src) != len(gold):
+                    what = f"the .md has {len(src)} cells, the golden {len(gold)}"
+                else:
+                    what = "changed: " + ", ".join(_describe_changes(src, gold))
+                raise GoldenMismatch(
+                    f"{rel}: the golden {golden.name} is stale: {what}.\n"
+                    f"After a code change:      {REGEN} {rel}\n"
+                    f"After a prose-only edit:  {REGEN} --no-execute {rel}   (keeps the outputs, needs no KVM)")
+
+        def repr_failure(self, excinfo, style=None):
+            if isinstance(excinfo.value, GoldenMismatch):
+                return str(excinfo.value)
+            return super().repr_failure(excinfo, style=style)
+
+        def reportinfo(self):
+            return self.path, None, f"{self.path.name}::golden-is-current"
+
+    class GoldenMismatch(Exception):
+        pass
+
+    class MystNotebook(IPyNbFile):
+        """nbval's notebook collector, fed from a MyST .md plus its golden .ipynb."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.skip_compare = self.skip_compare + ("stderr",)
+            self.kvm_skip_reason = None
+            if qkio_book.requires_kvm(self.path):
+                reason = qkio_book.kvm_unusable_reason()
+                if reason:
+                    self.kvm_skip_reason = f"notebook requires KVM: {reason}"
+
+        def setup(self):
+            if self.kvm_skip_reason:
+                return  # no kernel: every cell item is skipped
+            super().setup()
+
+        def get_sanitize_files(self):
+            # pyproject.toml names tests/nbval_sanitize.cfg relative to the
+            # repository; nbval would open it relative to the cwd.
+            root = self.config.rootpath
+            return [f if Path(f).is_absolute() else str(root / f) for f in super().get_sanitize_files()]
+
+        def _notebook(self):
+            nb = jupytext.read(self.path)
+            golden = qkio_book.golden_path(self.path)
+            if golden.exists():
+                nb = combine_inputs_with_outputs(nb, nbformat.read(golden, as_version=4), fmt="md:myst")
+            return nb
+
+        def collect(self):
+            # Mirrors nbval's IPyNbFile.collect (0.11), which insists on reading
+            # self.fspath as .ipynb itself.
+            self.nb = self._notebook()
+            yield GoldenIsCurrent.from_parent(self, name="golden-is-current")
+            cell_num = 0
+            for cell in self.nb.cells:
+                if cell.cell_type != "code":
+                    continue
+                options = defaultdict(bool, find_metadata_tags(cell.metadata))
+                options.update(dict(find_comment_markers(cell.source)))
+                options.setdefault("check", self.compare_outputs)
+                item = IPyNbCell.from_parent(
+                    self, name=f"Cell {cell_num}", cell_num=cell_num, cell=cell, options=options)
+                if self.kvm_skip_reason:
+                    item.add_marker(pytest.mark.skip(reason=self.kvm_skip_reason))
+                yield item
+                cell_num += 1
+
+
+class BookNotebooks:
+    """Global plugin (see module docstring for why it is not plain conftest hooks)."""
+
+    @staticmethod
+    def _is_book_notebook(path: Path) -> bool:
+        return path.suffix == ".md" and path.parent.name == "notebooks" and path.name[:1].isdigit()
+
+    def pytest_ignore_collect(self, collection_path: Path, config):
+        # Goldens are compared through their .md, never collected on their own;
+        # nbval would otherwise run each of them a second time.
+        if collection_path.suffix == ".ipynb" and collection_path.with_suffix(".md").exists():
+            return True
+        if collection_path.name == ".ipynb_checkpoints":
+            return True
+        return None
+
+    def pytest_collect_file(self, file_path: Path, parent):
+        if IPyNbFile is None or not self._is_book_notebook(file_path):
+            return None
+        opt = parent.config.option
+        if not (opt.nbval or opt.nbval_lax):
+            return None
+        return MystNotebook.from_parent(parent, path=file_path)
+
+
+def pytest_configure(config):
+    # Normally docs/_ext/qkio_book.py has registered it already (-p qkio_book).
+    if not config.pluginmanager.has_plugin(qkio_book.BOOK_PLUGIN_NAME):
+        config.pluginmanager.register(BookNotebooks(), qkio_book.BOOK_PLUGIN_NAME)
