@@ -1,0 +1,257 @@
+"""Open every page of the built book in headless Chromium and check it.
+
+For each HTML page in ``_build/html`` (``QKIO_BOOK_HTML`` to point elsewhere):
+it loads; every ``<img>`` has been decoded (``naturalWidth > 0``) and is
+displayed (has a box, not ``display: none`` / ``visibility: hidden``, unless it
+sits in a closed ``<details>`` on purpose); no stylesheet, script or image
+failed to load; and every link into the book resolves -- the file exists and,
+if the link has a ``#fragment``, the target page has an element with that id.
+Links to other sites are not followed (CI has no network). One more test checks
+that every chapter in notebooks/ became a page and the root index.html
+redirects to docs/index.html.
+
+It uses Debian's /usr/bin/chromium over the DevTools protocol (CDP) with the
+synchronous ``websocket-client`` package; no browser is downloaded. It is
+skipped, saying why, when Chromium is missing or the book has not been built
+(``scripts/build-book`` first: CI builds, then tests). It checks whatever is in
+_build/html, so build before testing after a change.
+"""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HTML = Path(os.environ.get("QKIO_BOOK_HTML", ROOT / "_build" / "html")).resolve()
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+if CHROMIUM is None:
+    pytest.skip("headless Chromium not found (Debian: apt-get install chromium; "
+                "scripts/setup-env installs it)", allow_module_level=True)
+if not (HTML / "docs" / "index.html").exists():
+    pytest.skip(f"the book has not been built: no {HTML / 'docs' / 'index.html'} "
+                "(run scripts/build-book first)", allow_module_level=True)
+websocket = pytest.importorskip("websocket", reason="websocket-client is not installed (the 'test' extra)")
+
+# Sphinx's own machinery pages under _static/ and the raw sources are not pages;
+# the root index.html only redirects (test_root_redirects_to_landing_page).
+PAGES = sorted(rel for rel in (p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html"))
+               if not rel.startswith(("_static/", "_sources/")) and rel != "index.html")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1280,900", "--remote-debugging-port=0",
+    "--remote-allow-origins=*",
+]
+
+
+class Cdp:
+    """The least of a Chrome DevTools Protocol client: call a method, wait for an event."""
+
+    def __init__(self, ws_url: str):
+        self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
+        self.last_id = 0
+        self.events: list[dict] = []
+
+    def call(self, method: str, **params):
+        self.last_id += 1
+        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.last_id:
+                if "error" in msg:
+                    raise RuntimeError(f"CDP {method}: {msg['error']}")
+                return msg.get("result", {})
+            if "method" in msg:
+                self.events.append(msg)
+
+    def wait_for(self, method: str, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        for i, ev in enumerate(self.events):
+            if ev["method"] == method:
+                return self.events.pop(i)
+        while time.monotonic() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                msg = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
+                break
+            finally:
+                self.ws.settimeout(60)
+            if msg.get("method") == method:
+                return msg
+            if "method" in msg:
+                self.events.append(msg)
+        raise TimeoutError(f"no {method} within {timeout} s")
+
+    def evaluate(self, expression: str):
+        res = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"page script failed: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+    def close(self):
+        self.ws.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with tempfile.TemporaryDirectory(prefix="qkio-chromium-") as profile:
+        proc = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
+                if proc.poll() is not None:
+                    pytest.fail(f"{CHROMIUM} exited with status {proc.returncode} before opening DevTools")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{CHROMIUM} did not open its DevTools port within 60 s")
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+                targets = [t for t in json.load(r) if t["type"] == "page"]
+            cdp = Cdp(targets[0]["webSocketDebuggerUrl"])
+            for domain in ("Page", "Runtime", "Log"):
+                cdp.call(f"{domain}.enable")
+            yield cdp
+            cdp.close()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def load(cdp: Cdp, page: str) -> dict:
+    """Navigate to a page, wait until it and its images are loaded, return what we check."""
+    cdp.events.clear()
+    cdp.call("Page.navigate", url=(HTML / page).as_uri())
+    cdp.wait_for("Page.loadEventFired")
+    return cdp.evaluate(r"""
+    (async () => {
+      const imgs = [...document.images];
+      for (const img of imgs) img.loading = "eager";
+      await Promise.all(imgs.map(img => img.decode().catch(() => null)));
+      const shown = el => {
+        const s = getComputedStyle(el), r = el.getBoundingClientRect();
+        return s.display !== "none" && s.visibility !== "hidden" && r.width > 0 && r.height > 0;
+      };
+      return {
+        url: location.href,
+        title: document.title,
+        h1: [...document.querySelectorAll("main h1, article h1")].map(h => h.textContent.trim()),
+        text: (document.querySelector("main") || document.body).innerText.length,
+        images: imgs.map(img => ({
+          src: img.currentSrc || img.src,
+          naturalWidth: img.naturalWidth,
+          shown: shown(img),
+          inClosedDetails: !!img.closest("details:not([open])"),
+        })),
+        links: [...document.querySelectorAll("a[href]")].map(a => a.href),
+        ids: [...document.querySelectorAll("[id], a[name]")].map(e => e.id || e.getAttribute("name")),
+      };
+    })()
+    """)
+
+
+class _Ids(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        for k, v in attrs:
+            if k == "id" or (tag == "a" and k == "name"):
+                self.ids.add(v)
+
+
+_ids_cache: dict[Path, set[str]] = {}
+
+
+def ids_in(path: Path) -> set[str]:
+    if path not in _ids_cache:
+        parser = _Ids()
+        parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+        _ids_cache[path] = parser.ids
+    return _ids_cache[path]
+
+
+def broken_links(page: str, info: dict) -> list[str]:
+    here = (HTML / page).resolve()
+    broken = []
+    for href in sorted(set(info["links"])):
+        url = urllib.parse.urlsplit(href)
+        if url.scheme != "file":
+            continue  # http(s), mailto, javascript: not ours to check offline
+        target = Path(urllib.parse.unquote(url.path))
+        frag = urllib.parse.unquote(url.fragment)
+        if not target.is_relative_to(HTML):
+            broken.append(f"{href}: points outside the book")
+        elif not target.is_file():
+            broken.append(f"{href}: no such file")
+        elif frag and frag not in (set(info["ids"]) if target == here else ids_in(target)):
+            broken.append(f"{href}: no element with id {frag!r} in {target.relative_to(HTML)}")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page(browser, page):
+    info = load(browser, page)
+    problems = []
+
+    if not info["title"] or info["text"] < 20:
+        problems.append(f"page looks empty (title {info['title']!r}, {info['text']} characters of text)")
+    if page.startswith(("docs/", "notebooks/")) and not info["h1"]:
+        problems.append("no <h1> in the page's main content")
+
+    for img in info["images"]:
+        if img["naturalWidth"] == 0:
+            problems.append(f"image not loaded: {img['src']}")
+        elif not img["shown"] and not img["inClosedDetails"]:
+            problems.append(f"image not displayed: {img['src']}")
+
+    problems += broken_links(page, info)
+
+    for ev in browser.events:
+        if ev["method"] == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error":
+            e = ev["params"]["entry"]
+            problems.append(f"browser error ({e.get('source')}): {e.get('text')} {e.get('url', '')}".rstrip())
+        elif ev["method"] == "Runtime.exceptionThrown":
+            d = ev["params"]["exceptionDetails"]
+            problems.append(f"uncaught script exception: {d.get('exception', {}).get('description') or d.get('text')}")
+
+    if problems:
+        pytest.fail(f"{page}:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+def test_root_redirects_to_landing_page(browser):
+    browser.events.clear()
+    browser.call("Page.navigate", url=(HTML / "index.html").as_uri())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        url = browser.evaluate("location.href")
+        if url.endswith("/docs/index.html"):
+            return
+        time.sleep(0.1)
+    pytest.fail(f"index.html did not redirect to docs/index.html (still at {url})")
+
+
+def test_every_chapter_is_a_page():
+    chapters = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9]*.md"))
+    assert chapters, "no chapters in notebooks/"
+    missing = [c for c in chapters if not (HTML / "notebooks" / f"{c}.html").is_file()]
+    assert not missing, f"chapters not in the built book (stale build, or not in a toctree?): {missing}"
