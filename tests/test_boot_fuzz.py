@@ -148,10 +148,13 @@ def _check_load(image: bytes, memory: RecordingMemory, **kwargs):
     kernel_end = max(hi for _, hi in claimed)
     assert boot.kernel_range == (kernel_start, kernel_end)
     # After the kernel: module list, command lines and loader name, at most
-    # a page for these short strings, plus the modules themselves.
-    after_kernel = mb._page_align(kernel_end) + 0x1000
+    # a page for these short strings, plus the modules themselves.  Like
+    # QEMU, the loader rounds sizes up to pages, not addresses: a kernel at
+    # an odd address keeps everything after it just as odd.
+    used = mb._page_align(kernel_end - kernel_start) + 0x1000
     for data, _ in kwargs.get("modules", ()):
-        after_kernel = mb._page_align(after_kernel + len(data))
+        used = mb._page_align(used + len(data))
+    after_kernel = kernel_start + used
     allowed = [(GDT_BASE, GDT_BASE + 32), (mb.MMAP_ADDR, mb.INFO_ADDR + mb.INFO_SIZE),
                (kernel_start, after_kernel)]
     for start, end in memory.written:

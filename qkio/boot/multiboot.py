@@ -192,12 +192,21 @@ def is_multiboot(image: bytes) -> bool:
 
 @dataclass(frozen=True)
 class _KernelImage:
+    """Where a kernel goes and what to copy there, not yet copied anywhere.
+
+    ``size`` is the whole memory image, BSS included; ``pieces`` are file
+    bytes at offsets from ``load_addr``, and everything else in the image is
+    zero.  Keeping the pieces apart means a huge sparse image costs nothing
+    until it has been checked against RAM.
+    """
+
     load_addr: int
-    data: bytes  # the whole memory image, BSS included as zeros
+    size: int
     entry: int
+    pieces: tuple[tuple[int, bytes], ...]
 
 
-def _kernel_from_header(image: bytes, header: MultibootHeader) -> tuple[_KernelImage, int]:
+def _kernel_from_header(image: bytes, header: MultibootHeader) -> _KernelImage:
     """The a.out kludge: the header says which file bytes go where.
 
     The checks are QEMU's, in its order, with its 32-bit arithmetic.
@@ -228,12 +237,10 @@ def _kernel_from_header(image: bytes, header: MultibootHeader) -> tuple[_KernelI
     if text_offset + load_size > len(image):
         raise BadKernel(f"truncated kernel: the header asks for {load_size:#x} bytes from file offset "
                         f"{text_offset:#x}, but the file is {len(image):#x} bytes")
-    # kernel_size is bounded by bss_end_addr - load_addr < 4 GiB; the caller
-    # checks it against RAM before any buffer of that size exists.
-    return _KernelImage(h.load_addr, image[text_offset:text_offset + load_size], h.entry_addr), kernel_size
+    return _KernelImage(h.load_addr, kernel_size, h.entry_addr, ((0, image[text_offset:text_offset + load_size]),))
 
 
-def _kernel_from_elf(image: bytes) -> tuple["_ElfPieces", int]:
+def _kernel_from_elf(image: bytes) -> _KernelImage:
     """No a.out kludge: load the ELF32 PT_LOAD segments at their physical addresses."""
     # QEMU looks at e_machine before anything else and names the problem.
     if image[:4] == elf.ELF_MAGIC and (
@@ -259,27 +266,8 @@ def _kernel_from_elf(image: bytes) -> tuple["_ElfPieces", int]:
     high = max(ph.paddr + ph.memsz for ph in segments)
     # Like QEMU, the kernel is the one range [low, high): gaps between
     # segments and each segment's BSS are zeros.
-    return _ElfPieces(low, segments, image, parsed.entry), high - low
-
-
-@dataclass(frozen=True)
-class _ElfPieces:
-    """An ELF kernel not yet flattened, so that a huge sparse image costs
-    nothing until it has been checked against RAM."""
-
-    load_addr: int
-    segments: Sequence[elf.ProgramHeader]
-    image: bytes
-    entry: int
-
-    @property
-    def data(self) -> bytes:
-        high = max(ph.paddr + ph.filesz for ph in self.segments)
-        buf = bytearray(high - self.load_addr)
-        for ph in self.segments:
-            start = ph.paddr - self.load_addr
-            buf[start:start + ph.filesz] = ph.data(self.image)
-        return bytes(buf)
+    return _KernelImage(low, high - low, parsed.entry,
+                        tuple((ph.paddr - low, ph.data(image)) for ph in segments))
 
 
 # --- The memory map ------------------------------------------------------------
@@ -405,6 +393,13 @@ class MultibootBoot:
         return [(gpa, gpa + len(data)) for gpa, data in self.writes]
 
 
+# Low-memory ranges the loader itself fills in; a kernel may not land on them.
+BOOT_AREAS = (
+    ("GDT", GDT_BASE, GDT_BASE + len(flat_gdt())),
+    ("Multiboot information", MMAP_ADDR, INFO_ADDR + INFO_SIZE),
+)
+
+
 # --- The loader -------------------------------------------------------------------
 
 def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
@@ -428,11 +423,8 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     if _is_linux(image):
         raise BadKernel("this is a Linux boot image (HdrS at 0x202), not a Multiboot kernel")
     header = find_header(image)
-    if header.has_addresses:
-        kernel, kernel_size = _kernel_from_header(image, header)
-    else:
-        kernel, kernel_size = _kernel_from_elf(image)
-    load_addr = kernel.load_addr
+    kernel = _kernel_from_header(image, header) if header.has_addresses else _kernel_from_elf(image)
+    load_addr, kernel_size = kernel.load_addr, kernel.size
 
     # One buffer from load_addr: kernel, page-aligned; module list; command
     # lines (modules' first); boot loader name.  Space for the command lines
@@ -464,7 +456,8 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     _check_placement(what, load_addr, load_end, regions)
 
     buffer = bytearray(buffer_size)
-    buffer[:len(kernel.data)] = kernel.data
+    for offset, data in kernel.pieces:
+        buffer[offset:offset + len(data)] = data
     loaded_modules = []
     cursor = cmdlines_offset
     for index, ((data, line), raw, offset) in enumerate(zip(modules, module_lines, module_offsets)):
@@ -506,13 +499,6 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
         cmdline=kernel_line, cmdline_addr=cmdline_addr, modules=tuple(loaded_modules),
         memory_map=tuple(regions), cpu_state=state, writes=writes,
     )
-
-
-# Low-memory ranges the loader itself fills in; a kernel may not land on them.
-BOOT_AREAS = (
-    ("GDT", GDT_BASE, GDT_BASE + len(flat_gdt())),
-    ("Multiboot information", MMAP_ADDR, INFO_ADDR + INFO_SIZE),
-)
 
 
 def _check_placement(what: str, start: int, end: int, regions: Sequence[MemoryRegion]) -> None:
