@@ -80,8 +80,10 @@ class kvm_fpu(_Struct):
 
 
 class kvm_lapic_state(_Struct):
+    # The kernel says ``char regs[1024]``; bytes, not a C string (c_char
+    # arrays would stop reading at the first NUL), so u8 here.
     KVM_APIC_REG_SIZE = 0x400
-    _fields_ = [("regs", ctypes.c_char * 0x400)]
+    _fields_ = [("regs", u8 * 0x400)]
 
 
 class kvm_irq_level(_Struct):

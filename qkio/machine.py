@@ -1,0 +1,345 @@
+"""The machine: one VM, its memory, devices, vCPU threads and the io thread.
+
+This is qemu-kvm 0.12's ``vl.c`` ``main()`` plus ``kvm_main_loop`` in one
+object.  Data flows one way: the caller (the CLI, a notebook) builds a
+``Machine``; the machine owns the KVM fds, the guest memory, the port bus and
+its devices, the main loop and the vCPU threads, and releases every one of
+them in :meth:`close`.
+
+Threads, and who holds the global lock
+--------------------------------------
+* The thread that calls :meth:`run` becomes the **io thread** (in qemu-kvm
+  the process's main thread): it sits in ``main_loop_wait`` and dispatches
+  fd handlers -- the event notifier, the signal pipe, stdin for the UART.
+* Each vCPU has a **vCPU thread** (:mod:`qkio.cpus`) that drops the global
+  lock around ``KVM_RUN`` and takes it again to emulate the device an exit
+  touched.
+* With ``signals="thread"`` there is also the **signal thread**,
+  ``qkio-sigwait`` (:mod:`qkio.signals`).
+
+A device model therefore always runs with the lock held, whichever thread
+got there, so the models need no locking of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as _signal
+import sys
+from pathlib import Path
+
+from . import trace as _trace
+from .boot import modes
+from .boot.multiboot import load_multiboot, module_file, split_initrd_option
+from .bql import GlobalMutex
+from .cpu_init import apply_cpu_state, setup_cpuid, setup_fpu, setup_lint
+from .cpus import CpuThread, describe_failure, handle_io, install_sig_ipi_handler
+from .devices import FwCfg, IsaDebugExit, PortBus, Serial
+from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
+from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
+from .errors import BadKernel, GuestFailure, QkioError
+from .kvm import GuestMemory, Kvm
+from .kvm.constants import ExitReason
+from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
+from .main_loop import MainLoop
+from .signals import VMM_SIGNALS, SignalSource
+
+COM1_BASE, COM1_IRQ = 0x3F8, 4
+
+# Exit statuses of a run (``qkio run`` exits with these; see its --help).
+# isa-debug-exit gives odd statuses, (V << 1) | 1, so qkio's own are even.
+STATUS_POWEROFF = 0         # guest shutdown, or SIGTERM/SIGINT (as QEMU: "terminating on signal")
+STATUS_GUEST_FAILED = 2     # triple fault, emulation failure, failed VM entry
+STATUS_TIMEOUT = 124        # --timeout expired (the status timeout(1) uses)
+
+
+class Machine:
+    """A KVM virtual machine run the qemu-kvm way.
+
+    ``signals``: ``None`` (the machine takes no signals; right for a library
+    or a notebook), or ``"signalfd"``, ``"thread"``, ``"async"``
+    (:class:`qkio.signals.SignalSource`).  ``notify``: ``"eventfd"`` or
+    ``"pipe"``.  ``backend``: ``"select"``, ``"poll"`` or ``"epoll"``.
+    ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
+    ``console``: called with each chunk the UART transmits (default: stdout).
+    """
+
+    def __init__(self, *, memory_mib: int = 32, smp: int = 1, signals: str | None = None,
+                 notify: str = "eventfd", backend: str = "select", kick: str = "immediate_exit",
+                 console=None, tracer: _trace.Tracer | None = None,
+                 force_signalfd_failure: bool = False, log=None):
+        if not 1 <= smp <= 64:
+            raise ValueError(f"--smp must be between 1 and 64, not {smp}")
+        if not 1 <= memory_mib <= 3072:
+            raise ValueError(f"--memory must be between 1 and 3072 MiB, not {memory_mib}")
+        self.tracer = tracer if tracer is not None else _trace.default
+        self.log = log or (lambda msg: print(f"qkio: {msg}", file=sys.stderr, flush=True))
+        self.exit_status: int | None = None
+        self.exit_message = ""
+        self.cpus: list[CpuThread] = []
+        self.kvm = self.vm = self.memory = self.loop = self.signal_source = None
+        self._stdin_fd: int | None = None
+        self._irq_levels: dict[int, int] = {}
+        self._mmio_reported: set[int] = set()
+        try:
+            self._build(memory_mib, smp, signals, notify, backend, kick, console,
+                        force_signalfd_failure)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, memory_mib, smp, signals, notify, backend, kick, console, force_sfd_fail):
+        install_sig_ipi_handler()
+        if signals is not None:
+            # No-op in `qkio run`, which blocked them before any thread existed;
+            # here for library callers, in whose main thread this is the best we can do.
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, set(VMM_SIGNALS))
+        self.kvm = Kvm()
+        self.vm = vm = self.kvm.create_vm()
+        # Order matters: TSS and identity map, irqchip and PIT before any vCPU.
+        vm.set_tss_addr(TSS_ADDR)
+        vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        self.ram_size = memory_mib << 20
+        self.memory = GuestMemory(self.ram_size)
+        vm.set_user_memory_region(0, 0, self.memory)
+
+        self.lock = GlobalMutex(tracer=self.tracer)
+        self.loop = MainLoop(backend=backend, notifier=notify, lock=self.lock, tracer=self.tracer)
+
+        write_console = console or (lambda data: os.write(1, data))
+        self.bus = PortBus()
+        self.serial = Serial(write_console, irq=self._serial_irq,
+                             accept_input=lambda: self.loop.notify_event("serial accepts input"))
+        self.bus.register(COM1_BASE, 8, self.serial, "serial")
+        self.debug_exit = IsaDebugExit(self._debug_exit)
+        self.bus.register(ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE, self.debug_exit, "isa-debug-exit")
+        self.fw_cfg = FwCfg(self.ram_size, smp)
+        self.bus.register(FW_CFG_IO_BASE, FW_CFG_CTL_SIZE, self.fw_cfg, "fw_cfg")
+
+        supported = self.kvm.get_supported_cpuid()
+        for index in range(smp):
+            vcpu = vm.create_vcpu(index)
+            self.cpus.append(CpuThread(self, vcpu, kick=kick))
+            setup_cpuid(vcpu, supported)
+            setup_fpu(vcpu)
+        setup_lint(self.cpus[0].vcpu)
+
+        if signals is not None:
+            self.signal_source = SignalSource(signals, VMM_SIGNALS, tracer=self.tracer,
+                                              force_signalfd_failure=force_sfd_fail)
+            self.signal_source.attach(self.loop)
+            for signo in (_signal.SIGTERM, _signal.SIGINT):
+                self.signal_source.add_handler(signo, self._terminate_on_signal)
+            for signo in (_signal.SIGHUP, _signal.SIGUSR2):
+                self.signal_source.add_handler(signo, self._report_state)
+
+    # --- loading a guest ---------------------------------------------------------
+
+    def load_multiboot(self, kernel: str | os.PathLike, append: str = "", initrd: str | None = None):
+        """Load a Multiboot kernel file as ``qemu -kernel FILE -append ARGS -initrd MODS`` does."""
+        path = os.fspath(kernel)
+        try:
+            image = Path(path).read_bytes()
+        except OSError as e:
+            raise BadKernel(f"cannot read kernel {path}: {e.strerror}") from None
+        modules = []
+        for item in split_initrd_option(initrd) if initrd else []:
+            name = module_file(item)
+            try:
+                modules.append((Path(name).read_bytes(), item))
+            except OSError as e:
+                raise BadKernel(f"cannot read module {name}: {e.strerror}") from None
+        boot = load_multiboot(image, self.memory, kernel_path=path, append=append,
+                              modules=modules, ram_size=self.ram_size)
+        apply_cpu_state(self.cpus[0].vcpu, boot.cpu_state)
+        return boot
+
+    def load_flat(self, code: bytes, *, mode: str = "real", address: int = 0x1000):
+        """Load raw machine code at ``address`` and enter it in ``mode`` (real, protected, long)."""
+        if mode == "real":
+            state, writes = modes.real_mode_state(address >> 4, address & 0xF)
+        elif mode == "protected":
+            state, writes = modes.protected_mode_state(address)
+        elif mode == "long":
+            state, writes = modes.long_mode_state(address)
+        else:
+            raise ValueError(f"mode must be real, protected or long, not {mode!r}")
+        modes.apply_writes(self.memory, writes)
+        self.memory.write(address, code)
+        apply_cpu_state(self.cpus[0].vcpu, state)
+        return state
+
+    # --- the console's input -------------------------------------------------
+
+    def attach_stdin(self, fd: int = 0) -> None:
+        """Feed bytes from ``fd`` to the UART, through the io thread.
+
+        The read handler is guarded by the UART's ``can_receive`` as qemu's
+        ``fd_read_poll``: while the receive FIFO is full, ``fd`` is left out
+        of the select set, and what the guest has not taken stays in the
+        pipe or tty -- flow control for free.
+        """
+        self._stdin_fd = fd
+        self.loop.set_fd_handler2(fd, lambda _: self.serial.can_receive(), self._stdin_readable, None, fd)
+
+    def _stdin_readable(self, fd: int) -> None:
+        room = self.serial.can_receive()
+        if room <= 0:
+            return
+        try:
+            data = os.read(fd, room)
+        except BlockingIOError:
+            return
+        if not data:  # EOF: stop watching, the guest keeps running
+            self.loop.set_fd_handler2(fd, None, None, None, None)
+            self._stdin_fd = None
+            return
+        self.serial.receive(data)
+
+    # --- device glue -----------------------------------------------------------
+
+    def _serial_irq(self, level: int) -> None:
+        """The UART's interrupt output, into the in-kernel 8259 as an edge.
+
+        The PIC input is edge-triggered: a rising edge raises IRQ 4, and the
+        line must fall again before the next edge can count, so each rise is
+        sent as a pulse (raise, then lower).
+        """
+        if level and not self._irq_levels.get(COM1_IRQ):
+            self.vm.set_irq_line(COM1_IRQ, 1)
+            self.vm.set_irq_line(COM1_IRQ, 0)
+        self._irq_levels[COM1_IRQ] = level
+
+    def _debug_exit(self, status: int) -> None:
+        self.request_exit(status, f"guest wrote to isa-debug-exit: status {status}")
+
+    def handle_exit(self, cpu: CpuThread, reason: int) -> None:
+        """Called by a vCPU thread, lock held, for every exit except EINTR."""
+        if reason == ExitReason.IO:
+            handle_io(self.bus, cpu.vcpu.kvm_run, cpu.vcpu._run_map)
+        elif reason == ExitReason.MMIO:
+            self._handle_mmio(cpu)
+        elif reason == ExitReason.SYSTEM_EVENT:
+            self.request_exit(STATUS_POWEROFF, "guest requested a system event (shutdown/reset)")
+            cpu.stop()
+        else:
+            raise GuestFailure(describe_failure(cpu.vcpu, reason))
+
+    def _handle_mmio(self, cpu: CpuThread) -> None:
+        mmio = cpu.vcpu.kvm_run.exit.mmio
+        addr = mmio.phys_addr
+        page = addr >> 12
+        if page not in self._mmio_reported:
+            self._mmio_reported.add(page)
+            what = "write" if mmio.is_write else "read"
+            self.log(f"unassigned memory {addr:#x} ({what}, {mmio.len} bytes)"
+                     + ("" if mmio.is_write else " reads as all ones"))
+        if not mmio.is_write:
+            for i in range(mmio.len):
+                mmio.data[i] = 0xFF
+
+    # --- signals -----------------------------------------------------------------
+
+    def _terminate_on_signal(self, info) -> None:
+        self.request_exit(STATUS_POWEROFF, f"terminating on signal {info.signo} from pid {info.pid}")
+
+    def _report_state(self, info) -> None:
+        for cpu in self.cpus:
+            print(self.describe_cpu(cpu), file=sys.stderr, flush=True)
+
+    def describe_cpu(self, cpu: CpuThread) -> str:
+        if cpu.finished.is_set() or cpu.thread is None:
+            regs = cpu.vcpu.get_regs()
+        else:
+            regs = cpu.run_on_cpu(cpu.vcpu.get_regs)
+        exits = ", ".join(f"{ExitReason(r).name if r in ExitReason._value2member_map_ else r}={n}"
+                          for r, n in sorted(cpu.exit_counts.items()))
+        return (f"{cpu.name}: RIP={regs.rip:#x} RSP={regs.rsp:#x} RFLAGS={regs.rflags:#x} "
+                f"exits: {exits or 'none'}")
+
+    # --- running -----------------------------------------------------------------
+
+    def request_exit(self, status: int, message: str = "") -> None:
+        """End the run with ``status`` (first request wins); callable from any thread."""
+        if self.exit_status is None:
+            self.exit_status = status
+            self.exit_message = message
+            self.loop.notify_event("machine exit requested")
+
+    def guest_failed(self, cpu: CpuThread, failure: GuestFailure) -> None:
+        self.request_exit(STATUS_GUEST_FAILED, str(failure))
+
+    def start(self) -> None:
+        for cpu in self.cpus:
+            if cpu.thread is None:
+                cpu.start()
+
+    def run(self, timeout: float | None = None) -> int:
+        """Run until the guest exits, fails, a signal ends it, or ``timeout`` seconds pass.
+
+        The calling thread is the io thread until the run ends.  Returns the
+        exit status; :attr:`exit_message` says why.
+        """
+        self.start()
+        finished = self.loop.run_until(lambda: self.exit_status is not None,
+                                       timeout_ms=1000, deadline_s=timeout)
+        if not finished:
+            self.request_exit(STATUS_TIMEOUT, f"guest still running after --timeout {timeout:g} s; stopped it")
+        self.stop()
+        return self.exit_status
+
+    def pause(self) -> None:
+        """qemu-kvm's ``pause_all_threads``."""
+        for cpu in self.cpus:
+            cpu.pause()
+
+    def resume(self) -> None:
+        """qemu-kvm's ``resume_all_threads``."""
+        for cpu in self.cpus:
+            cpu.resume()
+
+    def stop(self) -> None:
+        """Stop every vCPU thread and wait for it."""
+        held = self.lock.held_by_me() if self.loop else False
+        if held:
+            self.lock.unlock()
+        try:
+            for cpu in self.cpus:
+                cpu.stop()
+            for cpu in self.cpus:
+                if not cpu.join(timeout=10):
+                    raise QkioError(f"{cpu.name} did not stop")
+        finally:
+            if held:
+                self.lock.lock()
+
+    def close(self) -> None:
+        """Release every thread and fd the machine owns (idempotent)."""
+        if self.cpus and any(c.thread is not None and not c.finished.is_set() for c in self.cpus):
+            self.stop()
+        if self.signal_source is not None:
+            self.signal_source.close()
+            self.signal_source = None
+        for cpu in self.cpus:
+            cpu.vcpu.close()
+        self.cpus = []
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
