@@ -150,8 +150,19 @@ class Vcpu:
             io.ioctl(self.fd, io.KVM_SET_SIGNAL_MASK, s.signal_mask_with(sigset))
 
     def close(self) -> None:
+        """Close the vCPU fd and unmap ``kvm_run``.
+
+        Any ctypes view of ``kvm_run`` -- ``kvm_run.exit.io`` kept in a local
+        variable, say -- or an ``io_data()`` memoryview still alive holds the
+        mmap's buffer, and ``mmap.close()`` would raise BufferError.  Then the
+        mapping (and the fd that mmap dup'ed, which keeps the vCPU alive in the
+        kernel) goes away with the last view instead; the vCPU fd is closed either way.
+        """
         if self.fd >= 0:
-            del self.kvm_run  # release the exported buffer before closing the map
-            self._run_map.close()
             os.close(self.fd)
             self.fd = -1
+            self.kvm_run = None  # drop our own view of the mapping first
+            try:
+                self._run_map.close()
+            except BufferError:
+                pass
