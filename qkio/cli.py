@@ -1,0 +1,157 @@
+"""``qkio``: the command line, in the spirit of ``qemu-system-x86_64``.
+
+``qkio run --kernel FILE [--append ARGS] [--initrd FILES] [--smp N]
+[--memory MiB] [--timeout S] [--signals ...] [--notify ...] [--trace FILE]``
+
+The order of the first steps of :func:`run_main` is the point of the whole
+design, so it is spelled out there: signals are blocked before any thread
+exists, because every thread created later inherits the mask of the thread
+that created it (qemu-kvm 0.12 blocked them in ``kvm_main_loop``, after its
+vCPU threads had already blocked everything for themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import termios
+
+from .errors import QkioError
+
+EPILOG = """\
+exit status:
+  (V << 1) | 1   the guest wrote V to isa-debug-exit (port 0xf4), as with QEMU
+  0              the guest shut down, or SIGTERM/SIGINT ended the run
+  1              bad command line, unusable /dev/kvm, or a file that is not a kernel
+  2              the guest failed: triple fault, emulation failure, failed VM entry
+  124            --timeout expired
+signals:
+  SIGTERM, SIGINT  power the guest off and exit 0
+  SIGHUP, SIGUSR2  print each vCPU's registers and exit counts to stderr
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkio", description="A small KVM VMM, threaded like qemu-kvm 0.12.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a guest", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", required=True, metavar="FILE",
+                     help="a Multiboot (v1) ELF kernel, or the name of a qkio demo guest")
+    run.add_argument("--append", default="", metavar="ARGS", help="kernel command line (after the kernel's path)")
+    run.add_argument("--initrd", metavar="FILES", help="Multiboot modules, comma-separated, as QEMU's -initrd")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--memory", "-m", type=int, default=128, metavar="MiB", help="guest RAM (default 128)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop a guest still running after this long")
+    run.add_argument("--signals", choices=("signalfd", "thread", "async"), default="signalfd",
+                     help="how the io thread takes signals (default signalfd)")
+    run.add_argument("--notify", choices=("eventfd", "pipe"), default="eventfd",
+                     help="the event notifier behind qemu_notify_event (default eventfd)")
+    run.add_argument("--backend", choices=("select", "poll", "epoll"), default="select",
+                     help="the wait in main_loop_wait (default select)")
+    run.add_argument("--kick", choices=("immediate_exit", "signal_mask"), default="immediate_exit",
+                     help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)")
+    run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file")
+    bench = sub.add_parser("bench", help="run the benchmarks")
+    bench.add_argument("names", nargs="*")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations (as the book uses)")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run_main(args)
+    from .bench import main as bench_main
+    return bench_main(args)
+
+
+def _error(message: str) -> int:
+    print(f"qkio: error: {message}", file=sys.stderr, flush=True)
+    return 1
+
+
+def run_main(args) -> int:
+    # 1. Block the VMM's signals while this is the only thread: every thread
+    #    created from here on (vCPUs, the signal thread) inherits the mask,
+    #    so a process-directed SIGTERM can only be taken by the path chosen.
+    from .signals import VMM_SIGNALS, block_vmm_signals
+    block_vmm_signals(VMM_SIGNALS)
+    # 2. This thread is the io thread; name it so ps -L shows it.
+    from .threads import set_thread_name
+    set_thread_name("qkio-io")
+
+    from . import trace
+    from .machine import Machine
+
+    tracer = trace.Tracer(enabled=True) if args.trace else None
+    kernel = args.kernel
+    if not os.path.exists(kernel):
+        from . import guests
+        if kernel in guests.GUESTS:
+            try:
+                kernel = str(guests.build_guest(kernel))
+            except QkioError as e:
+                return _error(str(e))
+        else:
+            return _error(f"no such kernel file {kernel!r} (demo guests: {', '.join(guests.GUESTS)})")
+    try:
+        machine = Machine(memory_mib=args.memory, smp=args.smp, signals=args.signals,
+                          notify=args.notify, backend=args.backend, kick=args.kick, tracer=tracer)
+    except (QkioError, ValueError) as e:
+        return _error(str(e))
+    tty = _Terminal(0)
+    try:
+        try:
+            machine.load_multiboot(kernel, append=args.append, initrd=args.initrd)
+        except QkioError as e:
+            return _error(str(e))
+        if _is_open(0):
+            machine.attach_stdin(0)
+        tty.enter()
+        status = machine.run(timeout=args.timeout)
+        if machine.exit_message and not machine.exit_message.startswith("guest wrote to isa-debug-exit"):
+            print(f"qkio: {machine.exit_message}", file=sys.stderr, flush=True)
+        return status
+    finally:
+        tty.restore()
+        machine.close()
+        if tracer is not None:
+            tracer.write(args.trace)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+class _Terminal:
+    """Raw-ish input for a guest on a terminal, as QEMU's ``-serial stdio``: keys go
+    to the guest one at a time, unechoed; Ctrl-C still signals the VMM (ISIG kept)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.saved = None
+
+    def enter(self) -> None:
+        if not (_is_open(self.fd) and os.isatty(self.fd)):
+            return
+        self.saved = termios.tcgetattr(self.fd)
+        mode = termios.tcgetattr(self.fd)
+        mode[3] &= ~(termios.ICANON | termios.ECHO)  # lflags
+        mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, mode)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+            self.saved = None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
