@@ -166,3 +166,4 @@ class Vcpu:
                 self._run_map.close()
             except BufferError:
                 pass
+            self._run_map = None
