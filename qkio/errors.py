@@ -18,10 +18,12 @@ class KvmError(QkioError, OSError):
     """An ioctl on a KVM fd failed.  Carries the ioctl's name and the errno."""
 
     def __init__(self, ioctl_name: str, errno_: int, detail: str = ""):
+        import errno
         import os
 
         self.ioctl_name = ioctl_name
-        msg = f"{ioctl_name} failed: {os.strerror(errno_)} (errno {errno_})"
+        name = errno.errorcode.get(errno_, f"errno {errno_}")
+        msg = f"{ioctl_name} failed: {name} ({os.strerror(errno_)})"
         if detail:
             msg += f": {detail}"
         OSError.__init__(self, errno_, msg)
