@@ -57,18 +57,27 @@ interrupt anything.
 from __future__ import annotations
 
 import collections
+import errno
 import signal
 import sys
 import threading
 
 from . import trace
-from .errors import GuestFailure
+from .errors import GuestFailure, KvmError
 from .kvm.constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
 from .kvm.structs import kvm_run_io
 from .threads import gettid, start_thread
 
 SIG_IPI = signal.SIGUSR1
 KICK_STYLES = ("immediate_exit", "signal_mask")
+
+#: ``KVM_RUN`` failing with EAGAIN is not an error.  An application
+#: processor starts in the "wait for SIPI" state (KVM_MP_STATE_UNINITIALIZED);
+#: its ``KVM_RUN`` sleeps in the kernel until an INIT or SIPI arrives, and then
+#: returns -EAGAIN instead of entering the guest, so that userspace can look at
+#: the new state first.  QEMU's ``kvm_cpu_exec`` treats it like EINTR ("io
+#: window exit") and simply calls ``KVM_RUN`` again; so does qkio.
+EXIT_AGAIN = "EAGAIN"
 
 
 def install_sig_ipi_handler() -> None:
@@ -166,10 +175,17 @@ class CpuThread:
             lock.unlock()
             if tracer.enabled:
                 tracer.begin("KVM_RUN", cpu=self.index)
-            reason = vcpu.run()
+            try:
+                reason = vcpu.run()
+            except KvmError as e:
+                if e.errno != errno.EAGAIN:
+                    raise
+                reason = EXIT_AGAIN
             if tracer.enabled:
                 tracer.end("KVM_RUN", exit_reason=ExitReason(reason).name if reason in ExitReason._value2member_map_ else reason)
             lock.lock()
+            if reason is EXIT_AGAIN:
+                continue  # an AP that got INIT while waiting to start; see EXIT_AGAIN
             self.last_exit = reason
             counts[reason] += 1
             if reason == INTR:
