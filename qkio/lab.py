@@ -459,7 +459,7 @@ def strace_threads(qkio_run_args: Iterable[str], syscalls: Iterable[str] = (
         "ioctl", "select", "pselect6", "read", "write", "rt_sigtimedwait", "signalfd4",
         "eventfd2", "pipe2"),
         timeout: float = 60, stdin: Any = subprocess.DEVNULL,
-        keep_raw: bool = False) -> dict[str, list[str]]:
+        inject: Iterable[str] = (), keep_raw: bool = False) -> dict[str, list[str]]:
     """Run ``qkio run ARGS`` under ``strace -f -qq -e trace=SYSCALLS`` and group
     the calls by thread name.
 
@@ -476,8 +476,13 @@ def strace_threads(qkio_run_args: Iterable[str], syscalls: Iterable[str] = (
     VMM process are kept: ``strace -f`` also follows child *processes* (the
     helpers ``ctypes.util.find_library`` runs, for one), and those are
     dropped -- ``clone``/``clone3`` are traced so that a thread (created with
-    ``CLONE_THREAD``) can be told from a process.  ``keep_raw=True`` adds the
-    unsanitized output under ``"<raw>"``.
+    ``CLONE_THREAD``) can be told from a process.
+
+    ``inject``: strace fault-injection specs, each passed as ``-e
+    inject=SPEC`` -- ``"signalfd4:error=ENOSYS"`` makes every ``signalfd4``
+    call fail as on a kernel older than 2.6.22, without touching qkio.  The
+    injected calls are marked ``(INJECTED)`` in the output.  ``keep_raw=True``
+    adds the unsanitized output under ``"<raw>"``.
 
     strace slows every traced call a lot; give the run a ``--timeout`` or a
     guest that exits, and keep ``syscalls`` short.
@@ -489,6 +494,7 @@ def strace_threads(qkio_run_args: Iterable[str], syscalls: Iterable[str] = (
     with tempfile.TemporaryDirectory(prefix="qkio-strace-") as tmp:
         out = Path(tmp) / "strace.out"
         argv = [strace, "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(sorted(wanted)),
+                *(arg for spec in inject for arg in ("-e", f"inject={spec}")),
                 sys.executable, "-m", "qkio", "run", *map(str, qkio_run_args)]
         # Its own session for the same reason as spawn_vmm: no stray SIGINT.
         subprocess.run(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
