@@ -1,0 +1,152 @@
+"""``qkio run`` as a user runs it: a child process (``python -m qkio run``, in
+its own session), each tests/kernels kernel, and what comes out -- stdout,
+stderr, the exit status.
+
+The contract, from the run parser's epilog: status (V << 1) | 1 when the
+guest writes V to isa-debug-exit, 0 on shutdown or SIGTERM/SIGINT, 1 for a
+bad command line or a file that is not a kernel, 2 when the guest fails,
+124 on --timeout.  Every failure a user can cause is one line on stderr
+starting ``qkio: error:`` or ``qkio:`` -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+
+import pytest
+from helpers.vmm import require_kvm, run_qkio, test_kernel
+
+
+@pytest.fixture(autouse=True)
+def _kvm():
+    require_kvm()
+
+
+def _no_traceback(result):
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+
+
+def test_hello():
+    result = run_qkio("--kernel", str(test_kernel("hello")))
+    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from a Multiboot kernel\n", b"")
+
+
+@pytest.mark.parametrize("append", ["a b", "", "console=ttyS0 x='1 2'"])
+def test_cmdline_is_path_space_append(append):
+    kernel = str(test_kernel("cmdline"))
+    args = ["--kernel", kernel] + (["--append", append] if append else [])
+    result = run_qkio(*args)
+    assert result.returncode == 33
+    # As QEMU: the kernel's path, one space, the -append text (even when empty).
+    assert result.stdout.decode() == f"cmdline='{kernel} {append}'\n"
+
+
+def test_echo_returns_piped_bytes_and_exits_after_q():
+    data = b"Hello, echo!\n\x01\x7f" + bytes(range(0x80, 0x90)) + b"q"
+    result = run_qkio("--kernel", str(test_kernel("echo")), "--timeout", "60", input=data + b"after q")
+    assert result.returncode == 1  # the guest wrote 0: (0 << 1) | 1
+    assert result.stdout == data
+    _no_traceback(result)
+
+
+def test_unassigned_port_reads_ff_and_is_logged_once():
+    result = run_qkio("--kernel", str(test_kernel("unassigned")))
+    assert (result.returncode, result.stdout) == (33, b"ff\n")
+    lines = result.stderr.decode().splitlines()
+    assert len(lines) == 1 and "0x1234" in lines[0] and "unassigned port" in lines[0]
+
+
+def test_spin_is_stopped_by_timeout():
+    start = time.monotonic()
+    result = run_qkio("--kernel", str(test_kernel("spin")), "--timeout", "1")
+    elapsed = time.monotonic() - start
+    assert result.returncode == 124
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert err.count("\n") == 1 and "--timeout 1" in err and "stopped" in err
+    assert 1 <= elapsed < 6
+
+
+def test_triple_fault_is_status_2_with_a_message():
+    result = run_qkio("--kernel", str(test_kernel("triple")))
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.count("\n") == 1
+    assert "triple-fault" in err and "KVM_EXIT_SHUTDOWN" in err and "RIP=0x" in err
+    _no_traceback(result)
+
+
+def _bad_kernels(tmp_path):
+    hello = test_kernel("hello").read_bytes()
+    files = {
+        "garbage": b"this is not a kernel at all\n" * 100,
+        "empty": b"",
+        "truncated": hello[: len(hello) // 2],   # the header is there, the segments are not
+        "truncated-header": hello[:40],          # not even a whole ELF header
+    }
+    out = {}
+    for name, data in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        out[name] = path
+    out["missing"] = tmp_path / "no-such-file"
+    out["directory"] = tmp_path
+    return out
+
+
+@pytest.mark.parametrize("which", ["garbage", "empty", "truncated", "truncated-header", "missing", "directory"])
+def test_bad_kernel_file_is_one_line_status_1(tmp_path, which):
+    path = _bad_kernels(tmp_path)[which]
+    result = run_qkio("--kernel", str(path))
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert err.startswith("qkio: error: ") and err.count("\n") == 1, err
+    _no_traceback(result)
+
+
+def test_bad_command_line_is_status_1_or_2_from_argparse():
+    # argparse's own convention (status 2, usage on stderr) for a malformed
+    # command line; qkio's for a well-formed one it cannot honour.
+    assert run_qkio("--kernel").returncode == 2
+    result = run_qkio("--kernel", str(test_kernel("hello")), "--smp", "0")
+    assert result.returncode == 1 and result.stderr.decode().startswith("qkio: error: ")
+
+
+def test_trace_file_is_valid_trace_event_json(tmp_path):
+    trace = tmp_path / "trace.json"
+    result = run_qkio("--kernel", str(test_kernel("hello")), "--trace", str(trace))
+    assert result.returncode == 33
+    doc = json.loads(trace.read_text())
+    events = doc["traceEvents"]
+    assert isinstance(events, list) and events
+    for ev in events:
+        assert ev["ph"] in "BEXiM" and isinstance(ev["name"], str)
+        assert isinstance(ev["pid"], int) and isinstance(ev["tid"], int)
+        if ev["ph"] != "M":
+            assert isinstance(ev["ts"], (int, float))
+    names = {ev["tid"]: ev["args"]["name"] for ev in events if ev["ph"] == "M" and ev["name"] == "thread_name"}
+    by_name = {name: tid for tid, name in names.items()}
+    assert {"qkio-io", "CPU 0/KVM"} <= set(by_name)
+
+    slices = defaultdict(list)  # (tid, name) -> [(begin, end)]
+    stacks = defaultdict(list)  # tid -> open B events: B/E nest per thread
+    for ev in events:
+        if ev["ph"] == "B":
+            stacks[ev["tid"]].append((ev["name"], ev["ts"]))
+        elif ev["ph"] == "E":
+            name, begin = stacks[ev["tid"]].pop()
+            assert ev["name"] in ("", name)
+            slices[ev["tid"], name].append((begin, ev["ts"]))
+    cpu, io = by_name["CPU 0/KVM"], by_name["qkio-io"]
+    kvm_runs = slices[cpu, "KVM_RUN"]
+    # hello: 30 bytes, two exits each (LSR, THR), then the isa-debug-exit write.
+    assert len(kvm_runs) >= 61
+    assert all(b <= e for b, e in kvm_runs)
+    assert slices[io, "main_loop_wait"], "the io thread recorded no main_loop_wait"
+    assert not slices[io, "KVM_RUN"] and not slices[cpu, "main_loop_wait"]
+    # Exit reasons ride on the E events of KVM_RUN.
+    reasons = {ev.get("args", {}).get("exit_reason") for ev in events if ev["ph"] == "E" and ev["tid"] == cpu}
+    assert "IO" in reasons
