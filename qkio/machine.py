@@ -121,7 +121,12 @@ class Machine:
         supported = self.kvm.get_supported_cpuid()
         for index in range(smp):
             vcpu = vm.create_vcpu(index)
-            self.cpus.append(CpuThread(self, vcpu, kick=kick))
+            try:
+                cpu = CpuThread(self, vcpu, kick=kick)
+            except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
+                vcpu.close()
+                raise
+            self.cpus.append(cpu)
             setup_cpuid(vcpu, supported)
             setup_fpu(vcpu)
         setup_lint(self.cpus[0].vcpu)
