@@ -78,7 +78,6 @@ thread's ``signalfd`` read or ``sigwaitinfo`` can take it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import signal
@@ -89,6 +88,7 @@ from typing import Callable, Iterable
 
 from qkio import trace
 from qkio.threads import start_thread
+from qkio.libc import libc as _libc
 
 __all__ = ["VMM_SIGNALS", "SIGNALFD_SIGINFO_SIZE", "SigInfo", "SignalSource",
            "block_vmm_signals", "blocked_signals", "signalfd", "thread_count"]
@@ -151,7 +151,6 @@ class SigInfo:
 
 # --- signalfd(2) through ctypes -----------------------------------------------
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 class _sigset_t(ctypes.Structure):

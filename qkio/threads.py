@@ -23,12 +23,12 @@ io thread, being the main thread, would look like if it named itself.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from typing import Any, Callable
 
 from qkio import trace
+from qkio.libc import libc as _libc
 
 __all__ = ["TASK_COMM_LEN", "set_thread_name", "get_thread_name", "gettid",
            "start_thread", "thread_names"]
@@ -37,7 +37,6 @@ __all__ = ["TASK_COMM_LEN", "set_thread_name", "get_thread_name", "gettid",
 TASK_COMM_LEN = 16
 PR_SET_NAME = 15  # <linux/prctl.h>
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_ulong, ctypes.c_ulong]
 _libc.prctl.restype = ctypes.c_int

@@ -25,11 +25,11 @@ Why ctypes and not ``fcntl.ioctl``
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 
 from ..errors import KvmError
 from . import structs as s
+from ..libc import libc as _libc
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -103,7 +103,6 @@ IOCTLS = {name: value for name, value in globals().items()
           if name.startswith("KVM_") and isinstance(value, int)}
 _NAMES = {value: name for name, value in IOCTLS.items()}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 #: ``int ioctl(int fd, unsigned long request, unsigned long arg)``.  Pointers are
 #: passed as their address, so one prototype serves both argument styles.
 libc_ioctl = _libc.ioctl
