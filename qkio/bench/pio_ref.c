@@ -1,0 +1,188 @@
+/* pio_ref.c: the floor for `qkio bench pio` -- the same guest, the same
+ * KVM_RUN loop, in C.
+ *
+ *   pio_ref GUEST.ELF COUNT [IOEVENTFD_PORT]
+ *
+ * Builds a VM shaped like qkio's (TSS and identity map, in-kernel irqchip
+ * and PIT, 8 MiB of RAM at 0), loads the Multiboot ELF's PT_LOAD segments,
+ * enters it in 32-bit protected mode with flat segments as a Multiboot
+ * loader does (EAX = 0x2BADB002, EBX -> an information structure carrying
+ * only the command line "count=COUNT"), and loops on KVM_RUN:
+ *
+ *   KVM_EXIT_IO to port 0xf4   -> the guest is done: stop
+ *   any other KVM_EXIT_IO      -> count it, do nothing else (a null device)
+ *   anything else              -> fail
+ *
+ * With IOEVENTFD_PORT, a KVM_IOEVENTFD is registered on that port first, so
+ * the guest's OUTs there complete inside the kernel.
+ *
+ * It prints one JSON line: {"exits": E, "seconds": S}, S being the time
+ * from just before the first KVM_RUN to just after the last one
+ * (CLOCK_MONOTONIC).  Setup and teardown are outside S.
+ */
+#define _GNU_SOURCE
+#include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define RAM_SIZE   (8u << 20)
+#define MBI_ADDR   0x8000u
+#define CMDLINE    0x8100u
+#define DEBUG_EXIT 0xf4
+
+static void die(const char *what)
+{
+    fprintf(stderr, "pio_ref: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static void fail(const char *what)
+{
+    fprintf(stderr, "pio_ref: %s\n", what);
+    exit(2);
+}
+
+static int xioctl(int fd, unsigned long req, unsigned long arg, const char *name)
+{
+    int r = ioctl(fd, req, arg);
+    if (r < 0)
+        die(name);
+    return r;
+}
+
+/* Copy the ELF's PT_LOAD segments into guest RAM; return its entry point. */
+static uint32_t load_elf(const char *path, uint8_t *ram)
+{
+    int fd = open(path, O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0)
+        die(path);
+    uint8_t *file = mmap(NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (file == MAP_FAILED)
+        die("mmap ELF");
+    Elf32_Ehdr *eh = (Elf32_Ehdr *)file;
+    if (memcmp(eh->e_ident, ELFMAG, SELFMAG) || eh->e_ident[EI_CLASS] != ELFCLASS32)
+        fail("not a 32-bit ELF file");
+    for (int i = 0; i < eh->e_phnum; i++) {
+        Elf32_Phdr *ph = (Elf32_Phdr *)(file + eh->e_phoff + i * eh->e_phentsize);
+        if (ph->p_type != PT_LOAD)
+            continue;
+        if ((uint64_t)ph->p_paddr + ph->p_memsz > RAM_SIZE)
+            fail("segment outside guest RAM");
+        memcpy(ram + ph->p_paddr, file + ph->p_offset, ph->p_filesz);
+        memset(ram + ph->p_paddr + ph->p_filesz, 0, ph->p_memsz - ph->p_filesz);
+    }
+    uint32_t entry = eh->e_entry;
+    munmap(file, st.st_size);
+    close(fd);
+    return entry;
+}
+
+static void flat_segment(struct kvm_segment *s, uint16_t selector, uint8_t type)
+{
+    memset(s, 0, sizeof *s);
+    s->base = 0;
+    s->limit = 0xffffffff;
+    s->selector = selector;
+    s->type = type;
+    s->present = 1;
+    s->dpl = 0;
+    s->db = 1;
+    s->s = 1;
+    s->g = 1;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3)
+        fail("usage: pio_ref GUEST.ELF COUNT [IOEVENTFD_PORT]");
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0)
+        die("/dev/kvm");
+    int vm = xioctl(kvm, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
+    xioctl(vm, KVM_SET_TSS_ADDR, 0xfffbd000, "KVM_SET_TSS_ADDR");
+    uint64_t idmap = 0xfffbc000;
+    xioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, (unsigned long)&idmap, "KVM_SET_IDENTITY_MAP_ADDR");
+    xioctl(vm, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
+    struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+    xioctl(vm, KVM_CREATE_PIT2, (unsigned long)&pit, "KVM_CREATE_PIT2");
+
+    uint8_t *ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE,
+                        MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (ram == MAP_FAILED)
+        die("mmap RAM");
+    struct kvm_userspace_memory_region region = {
+        .slot = 0, .guest_phys_addr = 0, .memory_size = RAM_SIZE,
+        .userspace_addr = (uint64_t)(uintptr_t)ram,
+    };
+    xioctl(vm, KVM_SET_USER_MEMORY_REGION, (unsigned long)&region, "KVM_SET_USER_MEMORY_REGION");
+
+    uint32_t entry = load_elf(argv[1], ram);
+    uint32_t *mbi = (uint32_t *)(ram + MBI_ADDR);
+    memset(mbi, 0, 0x100);
+    mbi[0] = 1u << 2;          /* flags: cmdline is valid */
+    mbi[4] = CMDLINE;          /* offset 16: cmdline */
+    snprintf((char *)ram + CMDLINE, 64, "count=%s", argv[2]);
+
+    if (argc > 3) {
+        int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (efd < 0)
+            die("eventfd");
+        struct kvm_ioeventfd ioe = {
+            .addr = strtoul(argv[3], NULL, 0), .len = 1, .fd = efd,
+            .flags = KVM_IOEVENTFD_FLAG_PIO,
+        };
+        xioctl(vm, KVM_IOEVENTFD, (unsigned long)&ioe, "KVM_IOEVENTFD");
+    }
+
+    int vcpu = xioctl(vm, KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU");
+    int run_size = xioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE");
+    struct kvm_run *run = mmap(NULL, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+    if (run == MAP_FAILED)
+        die("mmap kvm_run");
+
+    struct kvm_sregs sregs;
+    xioctl(vcpu, KVM_GET_SREGS, (unsigned long)&sregs, "KVM_GET_SREGS");
+    flat_segment(&sregs.cs, 0x10, 0xb);     /* code, execute/read, accessed */
+    flat_segment(&sregs.ds, 0x18, 0x3);     /* data, read/write, accessed */
+    sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
+    sregs.cr0 = 0x11;                       /* PE | ET, caches on */
+    xioctl(vcpu, KVM_SET_SREGS, (unsigned long)&sregs, "KVM_SET_SREGS");
+    struct kvm_regs regs = { .rip = entry, .rflags = 2, .rax = 0x2BADB002, .rbx = MBI_ADDR };
+    xioctl(vcpu, KVM_SET_REGS, (unsigned long)&regs, "KVM_SET_REGS");
+
+    /* The loop being measured. */
+    long exits = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (ioctl(vcpu, KVM_RUN, 0) < 0) {
+            if (errno == EINTR)
+                continue;
+            die("KVM_RUN");
+        }
+        exits++;
+        if (run->exit_reason != KVM_EXIT_IO) {
+            fprintf(stderr, "pio_ref: unexpected exit reason %u\n", run->exit_reason);
+            return 2;
+        }
+        if (run->io.port == DEBUG_EXIT)
+            break;
+        /* A null device: an OUT is dropped; an IN would read the zeroes KVM left. */
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    printf("{\"exits\": %ld, \"seconds\": %.9f}\n", exits,
+           (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+    return 0;
+}

@@ -1,0 +1,140 @@
+"""``signal``: how long a signal takes to reach its handler in the io thread, three ways.
+
+Method
+------
+The VMM side runs in a child process (:mod:`qkio.bench.signal_child`),
+started with ``start_new_session=True`` so that nothing else can send it a
+signal and it cannot send one to us.  As in ``qkio run``, it blocks the VMM's
+signals before it starts any thread, then runs a real ``MainLoop`` with a
+``SignalSource`` attached, using one of the three paths:
+
+* ``signalfd``: the io thread's ``select()`` watches a signalfd;
+* ``thread``: a ``qkio-sigwait`` thread in ``sigwaitinfo()`` writes a
+  record into a pipe that the io thread watches (qemu-kvm's compatfd);
+* ``async``: a Python signal handler, unblocked in the io (main) thread
+  only; CPython's C handler sets a flag, ``select()`` fails with EINTR, and
+  the Python handler runs before ``select()`` is retried.
+
+The sender (this process) sends SIGUSR2 with ``kill()`` one at a time:
+read CLOCK_MONOTONIC, ``kill``, then wait for the child's acknowledgement
+on a pipe.  The child's handler reads CLOCK_MONOTONIC first thing and
+writes it back, so each sample is *handler start - time before kill*, paired
+by sequence (one signal in flight at a time; standard signals would coalesce
+otherwise).  Between two signals the sender sleeps ~100 µs so that the io
+thread is back asleep in ``select()`` -- every sample is a real wake-up.
+The first ``warmup`` signals are not counted.
+
+CPU time per signal is the child's CPU time (CLOCK_PROCESS_CPUTIME_ID, all
+threads, nanosecond-precise) over the counted signals, divided by their
+number; ``getrusage``'s user/system split is given too, but it is only as
+fine as the scheduler tick.  It includes the
+main loop's own work and the acknowledgement ``write()``, which are the same
+for all three paths; the differences between paths are the paths.
+
+Results: per path, latency in µs (p50/p90/p99/max/IQR), CPU µs per signal,
+the child's thread count, and how many signals arrived (must be all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+from .stats import fmt_dist, summarize
+
+NAME = "signal"
+TITLE = "a signal reaching its handler in the io thread"
+METHODS = ("signalfd", "thread", "async")
+METHOD = ("child process in its own session, signals blocked before threads, real MainLoop + "
+          "SignalSource; kill(SIGUSR2) one at a time, ~100 µs apart; latency = handler's "
+          "CLOCK_MONOTONIC - sender's before kill(); CPU = child's process CPU time / signals")
+
+
+class ChildFailed(RuntimeError):
+    pass
+
+
+def _read_exact(fd: int, n: int, timeout: float = 10.0) -> bytes:
+    buf = b""
+    end = time.monotonic() + timeout
+    while len(buf) < n:
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ChildFailed(f"child sent {len(buf)} of {n} bytes before timing out")
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise ChildFailed(f"child closed its output after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
+    """Send ``warmup + count`` SIGUSR2s to a child using ``method``; return samples and CPU."""
+    cmd = [sys.executable, "-m", "qkio.bench.signal_child", "--method", method,
+           "--count", str(count), "--warmup", str(warmup)]
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env=env)
+    fd = child.stdout.fileno()
+    latencies = []
+    try:
+        if _read_exact(fd, 1, timeout=30) != b"R":
+            raise ChildFailed("child did not say it was ready")
+        time.sleep(0.01)  # let it reach select()
+        kill, now, unpack = os.kill, time.monotonic_ns, struct.Struct("=Q").unpack
+        pid, sig = child.pid, signal.SIGUSR2
+        for i in range(warmup + count):
+            t0 = now()
+            kill(pid, sig)
+            (t1,) = unpack(_read_exact(fd, 8))
+            if i >= warmup:
+                latencies.append((t1 - t0) / 1000)
+            if gap_s:
+                time.sleep(gap_s)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += _read_exact(fd, 1)
+        report = json.loads(line)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    return {
+        "latency_us": summarize(latencies),
+        "cpu_us_per_signal": round(report["cpu_ns"] / count / 1e3, 2) if count else None,
+        "user_us_per_signal": round(report["user_s"] / count * 1e6, 2) if count else None,
+        "system_us_per_signal": round(report["system_s"] / count * 1e6, 2) if count else None,
+        "sent": warmup + count,
+        "handled": report["seen"],
+        "path": report["path"],
+        "threads": report["threads"],
+    }
+
+
+def run(quick: bool = False, progress=None, count: int | None = None) -> dict:
+    count = count if count is not None else (1000 if quick else 10000)
+    result = {"method": METHOD, "signals_per_path": count, "paths": {}}
+    for method in METHODS:
+        if progress:
+            progress(f"{method}: {count} signals")
+        result["paths"][method] = measure(method, count)
+    return result
+
+
+def table(result: dict) -> list[tuple[str, str]]:
+    rows = []
+    for method, r in result["paths"].items():
+        rows.append((f"{method} ({r['threads']} threads)",
+                     f"{fmt_dist(r['latency_us'])}; CPU {r['cpu_us_per_signal']} µs/signal; "
+                     f"{r['handled']}/{r['sent']} handled"))
+    return rows
