@@ -1,0 +1,107 @@
+"""Running a benchmark guest: in qkio (in this process), in C, in QEMU.
+
+Each ``run_*`` boots the same Multiboot ELF with ``count=N`` on its command
+line and returns the seconds the run took, measured the way that
+implementation allows:
+
+* qkio: wall time of ``Machine.run()`` (vCPU thread start, the guest's
+  exits, the stop), in this process;
+* C (``pio_ref.c``): the program's own CLOCK_MONOTONIC around its KVM_RUN
+  loop;
+* QEMU: wall time of the whole ``qemu-system-x86_64`` process, SeaBIOS and
+  Multiboot loading included.
+
+The benchmarks difference two runs, ``(T(N) - T(small)) / (N - small)``,
+which removes every cost that does not grow with N (start-up, loading,
+shutdown) -- the only way to get a per-exit cost out of QEMU from outside,
+and applied to all three so that they are treated alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from .build import build_c
+
+BENCH_PORT = 0x80   # guests/pio.s writes here
+QEMU = "qemu-system-x86_64"
+QEMU_ARGS = ("-accel", "kvm", "-M", "pc", "-nodefaults", "-display", "none",
+             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
+GUEST_EXIT_STATUS = 1  # the guests write 0 to isa-debug-exit: (0 << 1) | 1
+
+
+class NullDevice:
+    """A port that swallows writes and reads as 0 (QEMU's ioport80 does the same)."""
+
+    def io_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def qkio_machine(elf, count: int, console=None, **kw):
+    """A qkio Machine with the guest loaded and a null device on the benchmark port."""
+    from qkio.machine import Machine
+    machine = Machine(memory_mib=8, console=console or (lambda data: None), **kw)
+    try:
+        machine.bus.register(BENCH_PORT, 1, NullDevice(), "bench-null")
+        machine.load_multiboot(elf, append=f"count={count}")
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def run_qkio(elf, count: int, setup=None) -> tuple[float, dict]:
+    """Seconds of ``Machine.run()`` and the vCPU's exit counts.  ``setup(machine)``
+    runs before the clock starts (e.g. to register an ioeventfd)."""
+    machine = qkio_machine(elf, count)
+    try:
+        extra = setup(machine) if setup else None
+        t0 = time.perf_counter()
+        status = machine.run(timeout=600)
+        seconds = time.perf_counter() - t0
+        if status != GUEST_EXIT_STATUS:
+            raise RunFailed(f"qkio: guest ended with status {status}: {machine.exit_message}")
+        info = {"exits": {int(k): v for k, v in machine.cpus[0].exit_counts.items()}}
+        if extra is not None:
+            info["setup"] = extra(machine) if callable(extra) else extra
+        return seconds, info
+    finally:
+        machine.close()
+
+
+def run_c(elf, count: int, ioeventfd_port: int | None = None) -> tuple[float, dict]:
+    """Seconds of ``pio_ref``'s KVM_RUN loop, and its exit count."""
+    argv = [str(build_c("pio_ref")), os.fspath(elf), str(count)]
+    if ioeventfd_port is not None:
+        argv.append(hex(ioeventfd_port))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if r.returncode:
+        raise RunFailed(f"pio_ref failed ({r.returncode}): {r.stderr.strip()}")
+    out = json.loads(r.stdout)
+    return out["seconds"], {"exits": out["exits"]}
+
+
+def run_qemu(elf, count: int, serial=None) -> tuple[float, dict]:
+    """Wall seconds of a whole QEMU run of the guest."""
+    argv = [QEMU, *QEMU_ARGS, "-kernel", os.fspath(elf), "-append", f"count={count}"]
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    seconds = time.perf_counter() - t0
+    if r.returncode != GUEST_EXIT_STATUS:
+        raise RunFailed(f"QEMU ended with status {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
+    return seconds, {}
+
+
+def have_qemu() -> bool:
+    from shutil import which
+    return which(QEMU) is not None

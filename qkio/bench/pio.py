@@ -1,0 +1,109 @@
+"""``pio``: one port-I/O exit round trip -- qkio's vCPU loop vs the same loop in C vs QEMU.
+
+Method
+------
+One guest (``guests/pio.s``, a Multiboot ELF): read ``count=N`` from the
+command line, do N one-byte ``out %al, %dx`` to port 0x80 in a three-
+instruction loop, then write 0 to isa-debug-exit (0xf4).  Each OUT is one
+``KVM_EXIT_IO``: the guest exits, ``KVM_RUN`` returns to the VMM, the VMM
+handles the access and calls ``KVM_RUN`` again.
+
+The same ELF runs in
+
+* **qkio**: a ``Machine`` in this process, its vCPU thread looping in
+  ``CpuThread._cpu_loop`` (global lock dropped around ``KVM_RUN``, the exit
+  dispatched through ``Machine.handle_exit`` -> ``handle_io`` ->
+  ``PortBus.write`` -> a null device on port 0x80);
+* **C**: ``pio_ref.c``, compiled with ``gcc -O2`` on first use -- the same
+  VM shape (irqchip, PIT), the same segments loaded, a KVM_RUN loop that
+  only looks at ``exit_reason`` and ``io.port``.  The floor: nothing a VMM
+  can do per exit costs less;
+* **QEMU**: ``qemu-system-x86_64 -accel kvm -M pc -nodefaults -display none
+  -device isa-debug-exit,iobase=0xf4,iosize=0x04 -kernel pio.elf -append
+  count=N`` (port 0x80 is QEMU's ``ioport80``, which ignores writes).
+
+Per-exit cost = (T(N) - T(small)) / (N - small) for all three (see
+:mod:`qkio.bench.guest_run` for what T is in each), which removes start-up.
+The runs are **interleaved**: each round runs qkio, C and QEMU (small, then
+N) back to back, and the rounds repeat, so a change in the machine's load
+hits all three alike; the ratios are taken within each round and their
+median reported.  Exit counts are checked (N + 1 IO exits for qkio and C).
+
+Targets (issue "Measure it"): qkio <= 1.10 x C and <= 1.05 x QEMU.
+"""
+
+from __future__ import annotations
+
+from .build import build_guest
+from .guest_run import have_qemu, run_c, run_qemu, run_qkio
+from .stats import median, summarize
+
+NAME = "pio"
+TITLE = "port-I/O exit round trip: qkio vs C (the floor) vs QEMU"
+METHOD = ("same Multiboot guest doing N OUTs to port 0x80; per exit = (T(N) - T(small)) / "
+          "(N - small); qkio / C / QEMU interleaved in each round; ratios per round")
+IMPLS = ("qkio", "c", "qemu")
+TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05}
+
+
+def _checked_qkio(elf, n):
+    seconds, info = run_qkio(elf, n)
+    io_exits = info["exits"].get(2, 0)
+    if io_exits != n + 1:
+        raise RuntimeError(f"qkio took {io_exits} IO exits for count={n}, expected {n + 1}")
+    return seconds
+
+
+def _checked_c(elf, n):
+    seconds, info = run_c(elf, n)
+    if info["exits"] != n + 1:
+        raise RuntimeError(f"pio_ref took {info['exits']} exits for count={n}, expected {n + 1}")
+    return seconds
+
+
+def run(quick: bool = False, progress=None, n: int | None = None, small: int | None = None,
+        rounds: int | None = None, qemu: bool | None = None) -> dict:
+    n = n or (20_000 if quick else 200_000)
+    small = small or (1_000 if quick else 2_000)
+    rounds = rounds or (3 if quick else 5)
+    qemu = have_qemu() if qemu is None else qemu
+    elf = build_guest("pio")
+    runners = {"qkio": _checked_qkio, "c": _checked_c}
+    if qemu:
+        runners["qemu"] = lambda e, k: run_qemu(e, k)[0]
+    per_exit = {impl: [] for impl in runners}
+    for r in range(rounds):
+        for impl, fn in runners.items():
+            if progress:
+                progress(f"round {r + 1}/{rounds}: {impl}, count={small} and {n}")
+            t_small = fn(elf, small)
+            t_n = fn(elf, n)
+            per_exit[impl].append((t_n - t_small) / (n - small) * 1e6)
+    result = {"method": METHOD, "count": n, "small": small, "rounds": rounds,
+              "per_exit_us": {impl: summarize(v) for impl, v in per_exit.items()},
+              "rounds_us": {impl: [round(x, 3) for x in v] for impl, v in per_exit.items()},
+              "ratios": {}, "targets": {}}
+    for other in ("c", "qemu"):
+        if other in per_exit:
+            key = f"qkio/{other}"
+            ratios = [q / o for q, o in zip(per_exit["qkio"], per_exit[other])]
+            result["ratios"][key] = summarize(ratios)
+            result["targets"][key] = {"target": TARGETS[key], "median": round(median(ratios), 3),
+                                      "met": median(ratios) <= TARGETS[key]}
+    if not qemu:
+        result["qemu"] = f"skipped: {'qemu-system-x86_64 not found' if not have_qemu() else 'not asked for'}"
+    return result
+
+
+def table(result: dict) -> list[tuple[str, str]]:
+    rows = []
+    for impl, d in result["per_exit_us"].items():
+        rows.append((impl, f"{d['p50']:.3g} µs per exit (min {d['min']:.3g}, max {d['max']:.3g}; "
+                           f"{d['n']} rounds)"))
+    for key, t in result["targets"].items():
+        d = result["ratios"][key]
+        rows.append((key, f"{t['median']:.3f} (min {d['min']:.3f}, max {d['max']:.3f}); "
+                          f"target <= {t['target']}: {'met' if t['met'] else 'MISSED'}"))
+    if "qemu" in result:
+        rows.append(("qemu", result["qemu"]))
+    return rows
