@@ -1,0 +1,157 @@
+"""``qkio bench``: every benchmark runs in a tiny mode and returns well-formed results.
+
+Not a timed test: no speed targets are asserted here (the machine is shared
+and may interpret its guests).  What is asserted is that each benchmark
+measured what it says -- every signal sent was handled, every wake-up
+acknowledged, every guest write counted -- and that its result is the
+JSON-serialisable shape the CLI and the book rely on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qkio import bench
+from qkio.bench import stats
+from qkio.kvm.system import probe
+
+KVM_PROBLEM = probe()
+needs_kvm = pytest.mark.skipif(KVM_PROBLEM is not None, reason=f"no usable KVM: {KVM_PROBLEM}")
+needs_tools = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "ld", "gcc")),
+                                 reason="as, ld and gcc are needed to build the guests and pio_ref")
+DIST_KEYS = {"n", "min", "p50", "p90", "p99", "max", "mean", "iqr"}
+
+
+def well_formed(dist, n=None):
+    assert set(dist) == DIST_KEYS
+    assert dist["min"] <= dist["p50"] <= dist["p90"] <= dist["p99"] <= dist["max"]
+    assert dist["iqr"] >= 0
+    if n is not None:
+        assert dist["n"] == n
+
+
+def test_summarize():
+    d = stats.summarize(range(1, 101))
+    assert d["n"] == 100 and d["min"] == 1 and d["max"] == 100
+    assert d["p50"] == 50.5 and d["iqr"] == pytest.approx(49.5)
+    assert stats.summarize([7.0])["p99"] == 7.0
+    assert stats.summarize([]) == {"n": 0}
+
+
+def test_every_benchmark_is_registered_and_documented():
+    for name in bench.BENCHMARKS:
+        module = bench.benchmark(name)
+        assert module.NAME == name
+        assert "Method" in module.__doc__
+        assert callable(module.run) and callable(module.table)
+
+
+def test_unknown_benchmark_is_an_error(capsys):
+    class Args:
+        names, quick, json = ["nope"], True, None
+    assert bench.main(Args) == 1
+    assert "unknown benchmark nope" in capsys.readouterr().err
+
+
+def test_signal():
+    r = bench.benchmark("signal").run(count=30)
+    json.dumps(r)
+    assert set(r["paths"]) == {"signalfd", "thread", "async"}
+    for method, p in r["paths"].items():
+        assert p["handled"] == p["sent"] == 30 + 50, method  # 50 warm-up signals
+        assert p["path"] == method
+        well_formed(p["latency_us"], 30)
+        assert p["cpu_us_per_signal"] > 0
+    # the signal thread is the only extra thread
+    assert r["paths"]["signalfd"]["threads"] == 1
+    assert r["paths"]["thread"]["threads"] == 2
+
+
+def test_wakeup():
+    r = bench.benchmark("wakeup").run(count=50)
+    json.dumps(r)
+    for kind in ("eventfd", "pipe"):
+        k = r["kinds"][kind]
+        well_formed(k["latency_us"], 50)
+        assert k["wakeups"] >= 50 + 50  # samples + warm-up, each acknowledged
+        assert k["over_5ms"] >= 0 and k["max_us"] == k["latency_us"]["max"]
+
+
+def test_wait_with_few_fds_and_select_limit():
+    r = bench.benchmark("wait").run(quick=True, fd_counts=(1, 10))
+    json.dumps(r)
+    for backend in ("select", "poll", "epoll"):
+        for n in ("1", "10"):
+            m = r["results"][backend][n]
+            well_formed(m["call_us"])
+            well_formed(m["syscall_us"])
+            well_formed(m["wake_latency_us"])
+
+
+def test_wait_reports_select_na_above_fd_setsize():
+    import os
+    wait = bench.benchmark("wait")
+    wait._ensure_nofile(2300)
+    hog = [os.eventfd(0) for _ in range(1100)]  # push new fds past 1023
+    try:
+        m = wait.measure("select", 5, wakes=5, calls=20)
+    finally:
+        for fd in hog:
+            os.close(fd)
+    assert "FD_SETSIZE" in m["na"] and m["highest_fd"] >= 1024
+
+
+@needs_kvm
+@needs_tools
+def test_pio():
+    r = bench.benchmark("pio").run(n=600, small=100, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
+    json.dumps(r)
+    for impl, d in r["per_exit_us"].items():
+        well_formed(d, 1)
+        assert d["p50"] > 0, impl
+    assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
+
+
+@needs_kvm
+@needs_tools
+def test_ioeventfd_counts_every_write():
+    r = bench.benchmark("ioeventfd").run(n=500, small=100, rounds=1)
+    json.dumps(r)
+    assert r["checks"]["qkio ioeventfd counts"] == [500]
+    assert r["checks"]["qkio exit IO exits"] == [501]
+    assert r["checks"]["c ioeventfd exits"] == [1]  # only the isa-debug-exit OUT left the kernel
+    for d in r["per_write_us"].values():
+        well_formed(d, 1)
+
+
+@needs_kvm
+@needs_tools
+def test_serial_gets_every_byte():
+    r = bench.benchmark("serial").run(n=300, rounds=1, qemu=False)
+    json.dumps(r)
+    well_formed(r["bytes_per_s"]["qkio"], 1)
+    assert r["bytes_per_s"]["qkio"]["p50"] > 0
+
+
+def test_serial_expected_output():
+    out = bench.benchmark("serial").expected_output(30)
+    assert out == b"abcdefghijklmnopqrstuvwxyz\nabc"
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "qkio", "bench", "wakeup", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "wakeup:" in r.stdout and "eventfd" in r.stdout
+    data = json.loads(out.read_text())
+    assert set(data) == {"machine", "quick", "results", "errors"}
+    assert data["quick"] is True and not data["errors"]
+    for key in ("kernel", "cpu_model", "python", "kvm_modules"):
+        assert key in data["machine"]
+    assert data["results"]["wakeup"]["kinds"]["eventfd"]["wakeups"] >= 1000
