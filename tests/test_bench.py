@@ -109,7 +109,7 @@ def test_wait_reports_select_na_above_fd_setsize():
 @needs_kvm
 @needs_tools
 def test_pio():
-    r = bench.benchmark("pio").run(n=600, small=100, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
+    r = bench.benchmark("pio").run(n=600, small=100, n_qemu=600, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
     json.dumps(r)
     for impl, d in r["per_exit_us"].items():
         well_formed(d, 1)
