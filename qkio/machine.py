@@ -223,7 +223,7 @@ class Machine:
     def handle_exit(self, cpu: CpuThread, reason: int) -> None:
         """Called by a vCPU thread, lock held, for every exit except EINTR."""
         if reason == ExitReason.IO:
-            handle_io(self.bus, cpu.vcpu._run_map)
+            handle_io(self.bus, cpu.vcpu.run_page)
         elif reason == ExitReason.MMIO:
             self._handle_mmio(cpu)
         elif reason == ExitReason.SYSTEM_EVENT:

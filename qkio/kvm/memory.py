@@ -34,24 +34,30 @@ class GuestMemory:
                 f"guest access [{gpa:#x}, {gpa + length:#x}) is outside guest memory [0, {self.size:#x})")
 
     def read(self, gpa: int, length: int) -> bytes:
+        """``length`` bytes of guest memory from guest-physical address ``gpa``."""
         self._check(gpa, length)
         return self._map[gpa:gpa + length]
 
     def write(self, gpa: int, data: bytes) -> None:
+        """Copy ``data`` into guest memory at ``gpa``, all of it or nothing."""
         self._check(gpa, len(data))
         self._map[gpa:gpa + len(data)] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        """Set ``length`` bytes from ``gpa`` to ``byte`` (zeroing a BSS, say)."""
         self._check(gpa, length)
         self._map[gpa:gpa + length] = bytes([byte]) * length
 
     def read_u32(self, gpa: int) -> int:
+        """The little-endian 32-bit value at ``gpa``."""
         return int.from_bytes(self.read(gpa, 4), "little")
 
     def write_u32(self, gpa: int, value: int) -> None:
+        """Store ``value`` as a little-endian 32-bit value at ``gpa``."""
         self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
 
     def close(self) -> None:
+        """Unmap the memory (idempotent).  Unregister its KVM slot, or close the VM, first."""
         if self._map is not None:
             del self._anchor  # drop the exported buffer, or mmap.close() raises BufferError
             self._map.close()

@@ -82,6 +82,7 @@ class Kvm:
         return Vm(self, vm_fd)
 
     def close(self) -> None:
+        """Close /dev/kvm (idempotent); VMs already created live on."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

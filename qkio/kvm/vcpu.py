@@ -19,14 +19,22 @@ from .constants import ExitReason
 
 
 class Vcpu:
+    """A vCPU fd from ``KVM_CREATE_VCPU`` and its mmap'ed ``struct kvm_run``.
+
+    ``run_page`` is the whole shared mapping (``KVM_GET_VCPU_MMAP_SIZE``
+    bytes: ``kvm_run``, then the PIO data page, then the coalesced-MMIO
+    ring); ``kvm_run`` is a ctypes view of its head.  Port I/O data lives in
+    ``run_page`` at ``kvm_run.exit.io.data_offset``.
+    """
+
     def __init__(self, vm, fd: int, vcpu_id: int):
         self.vm = vm
         self.fd = fd
         self.id = vcpu_id
         size = vm.kvm.get_vcpu_mmap_size()
         # kvm_run is shared with the kernel: MAP_SHARED, and read after every KVM_RUN.
-        self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.kvm_run = s.kvm_run.from_buffer(self._run_map)
+        self.run_page = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.kvm_run = s.kvm_run.from_buffer(self.run_page)
         # KVM_RUN takes no argument; keep the bound call to a minimum on the hot path.
         self._run_request = io.KVM_RUN
 
@@ -61,7 +69,7 @@ class Vcpu:
         """The bytes of the current KVM_EXIT_IO: ``size * count`` at ``kvm_run + data_offset``."""
         exit_io = self.kvm_run.exit.io
         start = exit_io.data_offset
-        return memoryview(self._run_map)[start:start + exit_io.size * exit_io.count]
+        return memoryview(self.run_page)[start:start + exit_io.size * exit_io.count]
 
     # --- state -----------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class Vcpu:
             self.fd = -1
             self.kvm_run = None  # drop our own view of the mapping first
             try:
-                self._run_map.close()
+                self.run_page.close()
             except BufferError:
                 pass
-            self._run_map = None
+            self.run_page = None

@@ -90,6 +90,7 @@ class Vm:
         return Vcpu(self, fd, vcpu_id)
 
     def close(self) -> None:
+        """Close the VM fd (idempotent); the kernel frees the VM once its vCPU fds are closed too."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
