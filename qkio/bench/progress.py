@@ -24,7 +24,7 @@ class Progress:
 
     def start(self, bench: str) -> None:
         self.bench = bench
-        self(f"starting")
+        self("starting")
 
     def __call__(self, message: str) -> None:
         if not self.enabled:
