@@ -113,7 +113,9 @@ def test_pio():
     json.dumps(r)
     for impl, d in r["per_exit_us"].items():
         well_formed(d, 1)
-        assert d["p50"] > 0, impl
+    # QEMU's figure is a difference of two ~3 s process runs: with 500 exits
+    # between them its start-up jitter dominates and may even make it negative.
+    assert r["per_exit_us"]["qkio"]["p50"] > 0 and r["per_exit_us"]["c"]["p50"] > 0
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
 
 
