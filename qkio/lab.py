@@ -564,3 +564,58 @@ def _group_strace(text: str, hide: Iterable[str] = ()) -> dict[str, list[str]]:
             name = anonymous.setdefault(tid, f"tid {len(anonymous) + 1}")
         grouped.setdefault(name, []).append(sanitize_syscall(body))
     return grouped
+
+
+def strace_threads_signalled(qkio_run_args: Iterable[str], signals: Iterable[int],
+                             syscalls: Iterable[str] = ("select", "pselect6", "read", "write",
+                                                        "rt_sigtimedwait"),
+                             ready: Iterable[str] = ("qkio-io",), gap: float = 0.2,
+                             timeout: float = 60) -> dict[str, list[str]]:
+    """:func:`strace_threads`, with process-directed signals sent to the VMM mid-run.
+
+    Starts ``qkio run ARGS`` under ``strace -f`` (in its own session), waits
+    until threads with every name in ``ready`` exist, then sends each of
+    ``signals`` to the VMM's pid with ``kill()``, ``gap`` seconds apart
+    (also before the first, so the threads are asleep again).  The run ends
+    the way its arguments say (a ``--timeout``, or a SIGTERM among
+    ``signals``).  Returns the calls grouped by thread name, sanitized.
+    """
+    strace = shutil.which("strace")
+    if strace is None:
+        raise FileNotFoundError("strace is not installed")
+    wanted = set(syscalls) | {"prctl", "clone", "clone3"}
+    with tempfile.TemporaryDirectory(prefix="qkio-strace-") as tmp:
+        out = Path(tmp) / "strace.out"
+        argv = [strace, "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(sorted(wanted)),
+                sys.executable, "-m", "qkio", "run", *map(str, qkio_run_args)]
+        tracer = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            vmm = None
+            while vmm is None or not set(ready) <= set(_names_of(vmm)):
+                if tracer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the VMM under strace never had threads {sorted(ready)}")
+                if vmm is None:
+                    children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children")
+                    pids = children.read_text().split() if children.exists() else []
+                    vmm = int(pids[0]) if pids else None
+                time.sleep(0.02)
+            for sig in signals:
+                time.sleep(gap)
+                os.kill(vmm, sig)
+            tracer.wait(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if tracer.poll() is None:
+                os.killpg(tracer.pid, signal.SIGKILL)
+                tracer.wait()
+        text = out.read_text(encoding="utf-8", errors="replace")
+    return _group_strace(text, hide=set(wanted) - set(syscalls))
+
+
+def _names_of(pid: int) -> list[str]:
+    from .threads import thread_names
+    try:
+        return list(thread_names(pid).values())
+    except FileNotFoundError:
+        return []
