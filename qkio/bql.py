@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import time
+from threading import get_ident
 from typing import Any
 
 from qkio import trace
@@ -45,31 +46,39 @@ class GlobalMutex:
 
     def __init__(self, tracer: trace.Tracer | None = None, name: str = "qemu_mutex") -> None:
         self._lock = threading.Lock()
+        self._acquire = self._lock.acquire
+        self._release = self._lock.release
         self._owner: int | None = None  # threading.get_ident() of the holder
-        self._owner_name = ""
         self.name = name
         self.tracer = tracer if tracer is not None else trace.default
 
+    # lock() and unlock() run twice per vCPU exit, so the uncontended path is
+    # one non-blocking acquire and one store.  Everything else -- the
+    # recursion check, the holder's name, timing the wait -- happens only
+    # when that first acquire fails, where it costs nothing that matters.
+
     def lock(self) -> None:
         """Take the lock, blocking if another thread holds it."""
-        me = threading.get_ident()
-        if self._owner == me:
+        if not self._acquire(False):
+            self._lock_contended()
+        self._owner = get_ident()
+
+    def _lock_contended(self) -> None:
+        holder = self._owner
+        if holder == get_ident():
             raise RuntimeError(f"{self.name} is not recursive and this thread holds it")
-        if not self._lock.acquire(blocking=False):
-            holder = self._owner_name
-            t0 = time.monotonic_ns()
-            self._lock.acquire()
-            self.tracer.complete("lock waited for", t0, lock=self.name, holder=holder)
-        self._owner = me
-        self._owner_name = threading.current_thread().name
+        holder_thread = threading._active.get(holder) if holder is not None else None
+        t0 = time.monotonic_ns()
+        self._acquire()
+        self.tracer.complete("lock waited for", t0, lock=self.name,
+                             holder=holder_thread.name if holder_thread else "")
 
     def unlock(self) -> None:
         """Release the lock; only the holder may."""
-        if self._owner != threading.get_ident():
+        if self._owner != get_ident():
             raise RuntimeError(f"{self.name} released by a thread that does not hold it")
         self._owner = None
-        self._owner_name = ""
-        self._lock.release()
+        self._release()
 
     def held_by_me(self) -> bool:
         """True if the calling thread holds the lock."""
