@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -10,17 +9,8 @@ import pytest
 
 from qkio.boot.elf import PT_LOAD, parse_elf
 from qkio.errors import BadKernel
+from kernels import synthetic
 
-
-def _kernels_module(name):
-    path = Path(__file__).parent / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"qkio_test_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _kernels_module("synthetic")
 
 
 def elf64(entry=0x1000, segments=((0x1000, b"abc", 0x10),), machine=62) -> bytes:

@@ -18,7 +18,6 @@ Whatever happens, two things must hold:
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -31,17 +30,8 @@ from qkio.boot.elf import parse_elf
 from qkio.boot.modes import GDT_BASE
 from qkio.errors import BadKernel
 from qkio.kvm.memory import GuestMemory
+from kernels import synthetic
 
-
-def _kernels_module(name):
-    path = Path(__file__).parent / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"qkio_test_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _kernels_module("synthetic")
 
 RAM = 4 << 20
 PATTERN = 0x5A

@@ -30,7 +30,6 @@ project's machine:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -45,17 +44,8 @@ import pytest
 from qkio.boot import multiboot as mb
 from qkio.boot.elf import EM_386, parse_elf
 from qkio.kvm.memory import GuestMemory
+from kernels import build
 
-
-def _kernels_module(name):
-    path = Path(__file__).parent / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"qkio_test_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _kernels_module("build")
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_TIMEOUT = 120  # seconds; SeaBIOS plus a tiny kernel take about 3 s here

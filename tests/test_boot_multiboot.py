@@ -8,7 +8,6 @@ y,/tmp/m2,,z"`` (QEMU 7.2.22, Debian 12), with a 3-byte m1 and a
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -18,17 +17,8 @@ from qkio.boot import multiboot as mb
 from qkio.boot.modes import GDT_BASE
 from qkio.errors import BadKernel
 from qkio.kvm.memory import GuestMemory
+from kernels import synthetic
 
-
-def _kernels_module(name):
-    path = Path(__file__).parent / "kernels" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"qkio_test_kernels_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _kernels_module("synthetic")
 MIB = 1 << 20
 
 

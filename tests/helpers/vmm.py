@@ -24,7 +24,6 @@ mask themselves (:func:`saved_sigmask`).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -69,20 +68,13 @@ def require_binutils() -> None:
 
 # --- guests -----------------------------------------------------------------------
 
-def _load_kernel_builder():
-    path = TESTS / "kernels" / "build.py"
-    spec = importlib.util.spec_from_file_location("qkio_test_kernels_build", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_kernel(name: str) -> Path:
     """The ELF of tests/kernels/<name>.s, built once and shared (by source hash)
     with tests/test_boot_kernels.py's cache."""
     require_binutils()
     cache = Path(os.environ.get("QKIO_KERNEL_CACHE", Path(tempfile.gettempdir()) / "qkio-test-kernels"))
-    return _load_kernel_builder().build_kernel(name, cache)
+    from kernels.build import build_kernel
+    return build_kernel(name, cache)
 
 
 test_kernel.__test__ = False  # a helper, not a test, despite the name

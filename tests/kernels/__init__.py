@@ -1,0 +1,1 @@
+"""Multiboot test kernels written apart from qkio, and the code that builds them."""
