@@ -70,6 +70,18 @@ def test_signal():
     # the signal thread is the only extra thread
     assert r["paths"]["signalfd"]["threads"] == 1
     assert r["paths"]["thread"]["threads"] == 2
+    assert all("samples_us" not in p for p in r["paths"].values())
+
+
+def test_signal_and_wakeup_keep_samples_when_asked():
+    r = bench.benchmark("signal").run(count=20, samples=True)
+    for p in r["paths"].values():
+        assert len(p["samples_us"]) == 20 and min(p["samples_us"]) > 0
+        assert max(p["samples_us"]) == pytest.approx(p["latency_us"]["max"], abs=1e-3)
+    w = bench.benchmark("wakeup").run(count=20, samples=True)
+    for k in w["kinds"].values():
+        assert len(k["samples_us"]) == 20
+        assert k["over_5ms"] == sum(1 for s in k["samples_us"] if s > 5000)
 
 
 def test_wakeup():

@@ -32,7 +32,9 @@ main loop's own work and the acknowledgement ``write()``, which are the same
 for all three paths; the differences between paths are the paths.
 
 Results: per path, latency in µs (p50/p90/p99/max/IQR), CPU µs per signal,
-the child's thread count, and how many signals arrived (must be all).
+the child's thread count, and how many signals arrived (must be all); with
+``samples=True`` also every counted latency, in sending order (``samples_us``),
+for plotting the whole distribution.
 """
 
 from __future__ import annotations
@@ -74,8 +76,11 @@ def _read_exact(fd: int, n: int, timeout: float = 10.0) -> bytes:
     return buf
 
 
-def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
-    """Send ``warmup + count`` SIGUSR2s to a child using ``method``; return samples and CPU."""
+def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
+            samples: bool = False) -> dict:
+    """Send ``warmup + count`` SIGUSR2s to a child using ``method``; return latencies and CPU.
+
+    ``samples=True`` adds ``samples_us``: every counted latency, in sending order."""
     cmd = [sys.executable, "-m", "qkio.bench.signal_child", "--method", method,
            "--count", str(count), "--warmup", str(warmup)]
     env = dict(os.environ)
@@ -109,7 +114,7 @@ def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6) ->
             child.kill()
             child.wait()
         child.stdout.close()
-    return {
+    out = {
         "latency_us": summarize(latencies),
         "cpu_us_per_signal": round(report["cpu_ns"] / count / 1e3, 2) if count else None,
         "user_us_per_signal": round(report["user_s"] / count * 1e6, 2) if count else None,
@@ -119,15 +124,19 @@ def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6) ->
         "path": report["path"],
         "threads": report["threads"],
     }
+    if samples:
+        out["samples_us"] = [round(x, 3) for x in latencies]
+    return out
 
 
-def run(quick: bool = False, progress=None, count: int | None = None) -> dict:
+def run(quick: bool = False, progress=None, count: int | None = None,
+        samples: bool = False) -> dict:
     count = count if count is not None else (1000 if quick else 10000)
     result = {"method": METHOD, "signals_per_path": count, "paths": {}}
     for method in METHODS:
         if progress:
             progress(f"{method}: {count} signals")
-        result["paths"][method] = measure(method, count)
+        result["paths"][method] = measure(method, count, samples=samples)
     return result
 
 

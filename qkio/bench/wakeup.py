@@ -18,7 +18,8 @@ GIL.  The sender blocks (in ``read``) right after notifying, so it hands the
 GIL over at once; if it kept running Python instead, the io thread would wait
 for the interpreter's switch interval (5 ms) -- the stall reported as
 ``over_5ms``.  Also reported: the io thread's own CPU time per wake-up
-(``time.thread_time`` over the run).
+(``time.thread_time`` over the run); with ``samples=True``, every latency in
+order (``samples_us``), for plotting the whole distribution.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     }
 
 
-def run(quick: bool = False, progress=None, count: int | None = None) -> dict:
+def run(quick: bool = False, progress=None, count: int | None = None,
+        samples: bool = False) -> dict:
     count = count if count is not None else (1000 if quick else 10000)
     result = {"method": METHOD, "count": count, "switch_interval_s": sys.getswitchinterval(),
               "kinds": {}}
@@ -108,9 +110,11 @@ def run(quick: bool = False, progress=None, count: int | None = None) -> dict:
             progress(f"{kind}: {count} wake-ups")
         with MainLoop(backend="select", notifier=kind) as loop:
             r = wake_latency(loop, count)
-        samples = r.pop("samples_us")
+        lat = r.pop("samples_us")
         r["max_us"] = r["latency_us"]["max"]
-        r["over_5ms"] = sum(1 for s in samples if s > STALL_US)
+        r["over_5ms"] = sum(1 for s in lat if s > STALL_US)
+        if samples:
+            r["samples_us"] = [round(x, 3) for x in lat]
         r["target_p50_under_50us"] = r["latency_us"]["p50"] < 50
         result["kinds"][kind] = r
     return result
