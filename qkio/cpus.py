@@ -80,7 +80,7 @@ KICK_STYLES = ("immediate_exit", "signal_mask")
 #: returns -EAGAIN instead of entering the guest, so that userspace can look at
 #: the new state first.  QEMU's ``kvm_cpu_exec`` treats it like EINTR ("io
 #: window exit") and simply calls ``KVM_RUN`` again; so does qkio.
-EXIT_AGAIN = "EAGAIN"
+EXIT_AGAIN = -1  # not a KVM exit reason: "KVM_RUN returned EAGAIN"
 _EXIT_IO = int(ExitReason.IO)      # plain ints: compared on every exit
 _EXIT_INTR = int(ExitReason.INTR)
 
@@ -125,7 +125,9 @@ class CpuThread:
         self.tracer = machine.tracer
         self.thread: threading.Thread | None = None
         self.tid: int | None = None
-        self.exit_counts: collections.Counter = collections.Counter()
+        # Exits by reason, one slot per reason: a list index is the cheapest
+        # counter there is, and this one is bumped on every exit.
+        self._tally = [0] * 64
         self.kicks_sent = 0
         self.kicks_received = 0
         self.last_exit: int | None = None
@@ -134,6 +136,9 @@ class CpuThread:
         self._work: collections.deque[_Work] = collections.deque()
         self._stop = False
         self._pause = False
+        # "Look at the requests": set after any of the three above changes and
+        # before the kick; the loop tests this one flag per exit.
+        self._pending = False
         self.paused = False
         self._state = threading.Condition()  # pause/resume handshakes
         self.finished = threading.Event()
@@ -182,9 +187,10 @@ class CpuThread:
         fd, kvm_run_ioctl, get_errno = vcpu.fd, libc_ioctl, ctypes.get_errno
         unlock, relock = lock.unlock, lock.lock
         handle = machine.handle_exit
-        counts = self.exit_counts
+        tally = self._tally
         while True:
-            if self._work or self._stop or self._pause:
+            if self._pending:
+                self._pending = False  # before reading the requests (module comment)
                 if self._service_requests():
                     return
             if tracer.enabled:
@@ -195,14 +201,26 @@ class CpuThread:
                 err = get_errno() if ret < 0 else 0
                 relock()  # post_kvm_run: exits are handled with it
                 reason = run.exit_reason if ret >= 0 else self._run_failed(err)
-            self.last_exit = reason
-            counts[reason] += 1
+            self.last_exit = reason  # named in the message if a device model raises
             if reason == _EXIT_IO:
+                tally[_EXIT_IO] += 1
                 handle_io(bus, page)
-            elif reason == _EXIT_INTR:
+                continue
+            if reason == EXIT_AGAIN:
+                continue
+            if 0 <= reason < len(tally):
+                tally[reason] += 1
+            if reason == _EXIT_INTR:
                 self._kicked(run)
-            elif reason != EXIT_AGAIN:
+            else:
                 handle(self, reason)
+
+    @property
+    def exit_counts(self) -> collections.Counter:
+        """Exits taken so far, by reason (``ExitReason`` where KVM's number has a name)."""
+        names = ExitReason._value2member_map_
+        return collections.Counter({names.get(reason, reason): n
+                                    for reason, n in enumerate(self._tally) if n})
 
     def _run_failed(self, err: int):
         """``KVM_RUN`` returned -1: a kick (EINTR), an AP woken by INIT (EAGAIN), or an error."""
@@ -286,6 +304,7 @@ class CpuThread:
             raise RuntimeError(f"{self.name} has stopped")
         work = _Work(fn)
         self._work.append(work)
+        self._pending = True
         self.kick()
         if self.lock.held_by_me():
             with self.lock.released():
@@ -305,6 +324,7 @@ class CpuThread:
         """Stop running guest code and wait until the thread says it is paused."""
         with self._state:
             self._pause = True
+            self._pending = True
         self.kick()
         with self._state:
             while not self.paused and not self.finished.is_set():
@@ -323,6 +343,7 @@ class CpuThread:
         """Ask the thread to leave its loop; :meth:`join` waits for it."""
         with self._state:
             self._stop = True
+            self._pending = True
             self._state.notify_all()
         self.kick()
 
