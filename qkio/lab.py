@@ -595,11 +595,10 @@ def strace_threads_signalled(qkio_run_args: Iterable[str], signals: Iterable[int
             vmm = None
             while vmm is None or not set(ready) <= set(_names_of(vmm)):
                 if tracer.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the VMM under strace never had threads {sorted(ready)}")
+                    raise RuntimeError(f"the VMM under strace never had threads {sorted(ready)}"
+                                       f" (vmm={vmm}, strace status={tracer.poll()}, have {_names_of(vmm) if vmm else []})")
                 if vmm is None:
-                    children = Path(f"/proc/{tracer.pid}/task/{tracer.pid}/children")
-                    pids = children.read_text().split() if children.exists() else []
-                    vmm = int(pids[0]) if pids else None
+                    vmm = _qkio_child(tracer.pid)
                 time.sleep(0.02)
             for sig in signals:
                 time.sleep(gap)
@@ -611,6 +610,27 @@ def strace_threads_signalled(qkio_run_args: Iterable[str], signals: Iterable[int
                 tracer.wait()
         text = out.read_text(encoding="utf-8", errors="replace")
     return _group_strace(text, hide=set(wanted) - set(syscalls))
+
+
+def _qkio_child(pid: int) -> int | None:
+    """The child of ``pid`` that runs ``python -m qkio run``, if it has started.
+    strace forks short-lived test processes of its own when it starts (copies
+    of itself, with its command line), so its first child is not necessarily
+    the one it traces."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        pids = children.read_text().split()
+    except OSError:
+        return None
+    for child in pids:
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # A fork of strace has strace's command line; the VMM has exec'd Python.
+        if argv[:4] == [os.fsencode(sys.executable), b"-m", b"qkio", b"run"]:
+            return int(child)
+    return None
 
 
 def _names_of(pid: int) -> list[str]:
