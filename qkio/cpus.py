@@ -236,12 +236,18 @@ class CpuThread:
         self.tracer.begin("KVM_RUN", cpu=self.index)
         ret = libc_ioctl(self.vcpu.fd, KVM_RUN, 0)
         err = ctypes.get_errno() if ret < 0 else 0
-        reason = self.vcpu.kvm_run.exit_reason if ret >= 0 else None
-        name = (ExitReason(reason).name if reason in ExitReason._value2member_map_
-                else errno.errorcode.get(err, reason))
+        if ret >= 0:
+            reason = self.vcpu.kvm_run.exit_reason
+            known = ExitReason._value2member_map_.get(reason)
+            name = known.name if known is not None else str(reason)
+        else:
+            reason = {errno.EINTR: _EXIT_INTR, errno.EAGAIN: EXIT_AGAIN}.get(err)
+            name = {errno.EINTR: "INTR", errno.EAGAIN: "EAGAIN"}.get(err) or errno.errorcode.get(err, str(err))
         self.tracer.end("KVM_RUN", exit_reason=name)
         self.lock.lock()
-        return reason if ret >= 0 else self._run_failed(err)
+        if reason is None:
+            raise KvmError("KVM_RUN", err)
+        return reason
 
     def _kicked(self, run) -> None:
         """After EINTR: clear the kick state before looking at the requests."""
