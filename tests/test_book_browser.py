@@ -242,8 +242,17 @@ def test_root_redirects_to_landing_page(browser):
     browser.events.clear()
     browser.call("Page.navigate", url=(HTML / "index.html").as_uri())
     deadline = time.monotonic() + 15
+    url = None
     while time.monotonic() < deadline:
-        url = browser.evaluate("location.href")
+        try:
+            url = browser.evaluate("location.href")
+        except RuntimeError as e:
+            # Asked mid-redirect, the page we asked has just been replaced:
+            # that is the redirect happening, so look again.
+            if "navigated or closed" not in str(e):
+                raise
+            time.sleep(0.1)
+            continue
         if url.endswith("/docs/index.html"):
             return
         time.sleep(0.1)
