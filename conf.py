@@ -13,7 +13,6 @@ committed golden copies (notebooks/NN-name.ipynb, see tests/conftest.py) and
 the build log says so.  See docs/_ext/qkio_book.py.
 """
 
-import os
 import sys
 from pathlib import Path
 

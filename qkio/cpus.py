@@ -61,10 +61,8 @@ import ctypes
 import errno
 import signal
 import struct
-import sys
 import threading
 
-from . import trace
 from .errors import GuestFailure, KvmError
 from .kvm.constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
 from .kvm.ioctl import KVM_RUN, libc_ioctl

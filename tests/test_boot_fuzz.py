@@ -19,7 +19,6 @@ Whatever happens, two things must hold:
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings

@@ -9,7 +9,6 @@ y,/tmp/m2,,z"`` (QEMU 7.2.22, Debian 12), with a 3-byte m1 and a
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import pytest
 

@@ -41,7 +41,7 @@ import time
 
 from qkio.main_loop import MainLoop
 
-from .stats import fmt_dist, summarize
+from .stats import summarize
 from .wakeup import wake_latency
 
 NAME = "wait"
