@@ -26,9 +26,12 @@ exit status:
   1              bad command line, unusable /dev/kvm, or a file that is not a kernel
   2              the guest failed: triple fault, emulation failure, failed VM entry
   124            --timeout expired
+  70             an internal error in qkio (a bug: please report it)
 signals:
   SIGTERM, SIGINT  power the guest off and exit 0
-  SIGHUP, SIGUSR2  print each vCPU's registers and exit counts to stderr
+  SIGHUP, SIGUSR2  print each vCPU's registers and exit counts, and the signals
+                   taken so far, to stderr
+  SIGRTMIN..SIGRTMAX  counted (real-time signals queue: none is lost)
 """
 
 
@@ -73,12 +76,18 @@ def _error(message: str) -> int:
     return 1
 
 
+def _internal_error(exc: Exception) -> int:
+    print(f"qkio: internal error: {type(exc).__name__}: {exc} (QKIO_DEBUG=1 shows where)",
+          file=sys.stderr, flush=True)
+    return 70  # EX_SOFTWARE
+
+
 def run_main(args) -> int:
     # 1. Block the VMM's signals while this is the only thread: every thread
     #    created from here on (vCPUs, the signal thread) inherits the mask,
     #    so a process-directed SIGTERM can only be taken by the path chosen.
-    from .signals import VMM_SIGNALS, block_vmm_signals
-    block_vmm_signals(VMM_SIGNALS)
+    from .signals import REALTIME_SIGNALS, VMM_SIGNALS, block_vmm_signals
+    block_vmm_signals(VMM_SIGNALS + REALTIME_SIGNALS)
     # 2. This thread is the io thread; name it so ps -L shows it.
     from .threads import set_thread_name
     set_thread_name("qkio-io")
@@ -111,7 +120,12 @@ def run_main(args) -> int:
         if _is_open(0):
             machine.attach_stdin(0)
         tty.enter()
-        status = machine.run(timeout=args.timeout)
+        try:
+            status = machine.run(timeout=args.timeout)
+        except Exception as e:  # a bug in qkio: one line (the traceback with QKIO_DEBUG=1)
+            if os.environ.get("QKIO_DEBUG"):
+                raise
+            return _internal_error(e)
         if machine.exit_message and not machine.exit_message.startswith("guest wrote to isa-debug-exit"):
             print(f"qkio: {machine.exit_message}", file=sys.stderr, flush=True)
         return status

@@ -42,7 +42,7 @@ from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 from .main_loop import MainLoop
-from .signals import VMM_SIGNALS, SignalSource
+from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 
@@ -93,7 +93,7 @@ class Machine:
         if signals is not None:
             # No-op in `qkio run`, which blocked them before any thread existed;
             # here for library callers, in whose main thread this is the best we can do.
-            _signal.pthread_sigmask(_signal.SIG_BLOCK, set(VMM_SIGNALS))
+            _signal.pthread_sigmask(_signal.SIG_BLOCK, set(VMM_SIGNALS + REALTIME_SIGNALS))
         self.kvm = Kvm()
         self.vm = vm = self.kvm.create_vm()
         # Order matters: TSS and identity map, irqchip and PIT before any vCPU.
@@ -132,13 +132,15 @@ class Machine:
         setup_lint(self.cpus[0].vcpu)
 
         if signals is not None:
-            self.signal_source = SignalSource(signals, VMM_SIGNALS, tracer=self.tracer,
+            self.signal_source = SignalSource(signals, VMM_SIGNALS + REALTIME_SIGNALS, tracer=self.tracer,
                                               force_signalfd_failure=force_sfd_fail)
             self.signal_source.attach(self.loop)
             for signo in (_signal.SIGTERM, _signal.SIGINT):
                 self.signal_source.add_handler(signo, self._terminate_on_signal)
             for signo in (_signal.SIGHUP, _signal.SIGUSR2):
                 self.signal_source.add_handler(signo, self._report_state)
+            for signo in REALTIME_SIGNALS:  # counted by the source, nothing more
+                self.signal_source.add_handler(signo, lambda info: None)
 
     # --- loading a guest ---------------------------------------------------------
 
@@ -251,8 +253,12 @@ class Machine:
         self.request_exit(STATUS_POWEROFF, f"terminating on signal {info.signo} from pid {info.pid}")
 
     def _report_state(self, info) -> None:
+        """SIGHUP/SIGUSR2: each vCPU's registers and exits, and the signals taken so far."""
         for cpu in self.cpus:
             print(self.describe_cpu(cpu), file=sys.stderr, flush=True)
+        source = self.signal_source
+        taken = " ".join(f"{signal_name(signo)}={n}" for signo, n in sorted(source.received.items()))
+        print(f"signals taken through {source.path}: {taken}", file=sys.stderr, flush=True)
 
     def describe_cpu(self, cpu: CpuThread) -> str:
         if cpu.finished.is_set() or cpu.thread is None:
