@@ -31,7 +31,8 @@ signals:
   SIGTERM, SIGINT  power the guest off and exit 0
   SIGHUP, SIGUSR2  print each vCPU's registers and exit counts, and the signals
                    taken so far, to stderr
-  SIGRTMIN..SIGRTMAX  counted (real-time signals queue: none is lost)
+  SIGRTMIN..SIGRTMAX  counted; they queue, so none is lost through signalfd or
+                   the signal thread (Python's async handlers coalesce a burst)
 """
 
 
