@@ -8,9 +8,9 @@ it.  What QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18) printed on this
 project's machine:
 
 * ``hello``:   ``Hello from a Multiboot kernel``, exit status 33.
-* ``cmdline`` without ``-append``: ``cmdline='/tmp/cmdline.elf '`` -- the
+* ``cmdline`` (at ``/img/cmdline.elf``; any path) without ``-append``: ``cmdline='/img/cmdline.elf '`` -- the
   kernel's path and a space, even when nothing is appended.
-* ``cmdline -append "a b"``: ``cmdline='/tmp/cmdline.elf a b'``.
+* ``cmdline -append "a b"``: ``cmdline='/img/cmdline.elf a b'``.
 * ``unassigned``: ``ff``.
 * ``echo``: gives back what it is sent once it runs; a byte typed during
   SeaBIOS is lost.  After ``q``, exit status 1.

@@ -1,8 +1,9 @@
 """The Multiboot loader (qkio.boot.multiboot), checked against what QEMU 7.2 does.
 
 The expected addresses below are what the ``mbinfo`` test kernel printed
-under ``qemu-system-x86_64 -kernel /tmp/mbinfo.elf -initrd "/tmp/m1 x=1
-y,/tmp/m2,,z"`` (QEMU 7.2.22, Debian 12), with a 3-byte m1 and a
+under ``qemu-system-x86_64 -kernel /img/mbinfo.elf -initrd "/img/m1 x=1
+y,/img/m2,,z"`` (QEMU 7.2.22, Debian 12; the files lived in a directory whose name had
+the same length as /img), with a 3-byte m1 and a
 5000-byte m2 -- see test_boot_kernels.py for the run that checks it live.
 """
 
@@ -63,8 +64,8 @@ def test_bzimage_is_linux_even_with_a_multiboot_header():
 def test_layout_matches_qemu(memory):
     # Same shape as mbinfo.elf: one segment, 0x40d0 bytes in memory from 1 MiB.
     image = synthetic.elf32([(0x100000, synthetic.multiboot_header() + bytes(0xb5), 0x40D0)], entry=0x10008A)
-    boot = mb.load_multiboot(image, memory, kernel_path="/tmp/mbinfo.elf",
-                             modules=[(b"abc", "/tmp/m1 x=1 y"), (bytes(5000), "/tmp/m2,z")])
+    boot = mb.load_multiboot(image, memory, kernel_path="/img/mbinfo.elf",
+                             modules=[(b"abc", "/img/m1 x=1 y"), (bytes(5000), "/img/m2,z")])
     f = info_fields(memory)
     assert f[0] == 0x24F                          # flags
     assert f[1] == 0x27F                          # mem_lower: 639 KiB
@@ -73,13 +74,13 @@ def test_layout_matches_qemu(memory):
     assert (f[5], f[6]) == (2, 0x105000)          # mods_count, mods_addr
     assert f[12] == 0x9000                        # mmap_addr
     assert f[16] == 0x10504A                      # boot_loader_name
-    assert c_string(memory, 0x105038) == "/tmp/mbinfo.elf "
+    assert c_string(memory, 0x105038) == "/img/mbinfo.elf "
     assert c_string(memory, 0x10504A) == "qemu"
     mods = struct.unpack("<8I", memory.read(0x105000, 32))
     assert mods[:3] == (0x106000, 0x106003, 0x105020)
     assert mods[4:7] == (0x107000, 0x108388, 0x10502E)
-    assert c_string(memory, 0x105020) == "/tmp/m1 x=1 y"
-    assert c_string(memory, 0x10502E) == "/tmp/m2,z"
+    assert c_string(memory, 0x105020) == "/img/m1 x=1 y"
+    assert c_string(memory, 0x10502E) == "/img/m2,z"
     assert memory.read(0x106000, 3) == b"abc"
     assert boot.kernel_range == (0x100000, 0x1040D0)
     assert boot.entry == 0x10008A and boot.info_addr == 0x9500

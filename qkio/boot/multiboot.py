@@ -16,9 +16,9 @@ What a kernel sees, as under QEMU 7.2
 * ``flags`` = 0x24f: mem_lower/upper, boot_device (0x8000ffff: "first BIOS
   disk, no partition"), cmdline, mods, mmap, boot_loader_name ("qemu").
 * The kernel command line is the kernel's path, a space, and the
-  ``-append`` text -- so with nothing appended it ends in a space.  QEMU
-  itself prints ``cmdline='/tmp/cmdline.elf '`` for the ``cmdline`` test
-  kernel run without ``-append`` (see tests/test_boot_kernels.py).
+  ``-append`` text -- so with nothing appended it ends in a space.  For the
+  ``cmdline`` test kernel at ``/img/cmdline.elf`` run without ``-append``,
+  QEMU itself prints ``cmdline='/img/cmdline.elf '`` (see tests/test_boot_kernels.py).
 * Right after the kernel, at the next page boundary, one buffer holds the
   module list (16 bytes per module), then the modules' command lines, then
   the kernel's, then the boot loader's name.  The modules follow, each on a
