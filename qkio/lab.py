@@ -458,6 +458,17 @@ def sanitize_syscall(line: str) -> str:
     return line
 
 
+def _strace_argv(out: Path, syscalls: Iterable[str], qkio_run_args: Iterable[str],
+                 inject: Iterable[str] = ()) -> list[str]:
+    """``strace -f`` of ``qkio run ARGS``, tracing ``syscalls`` into the file ``out``."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise FileNotFoundError("strace is not installed")
+    return [strace, "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(sorted(syscalls)),
+            *(arg for spec in inject for arg in ("-e", f"inject={spec}")),
+            sys.executable, "-m", "qkio", "run", *map(str, qkio_run_args)]
+
+
 def strace_threads(qkio_run_args: Iterable[str], syscalls: Iterable[str] = (
         "ioctl", "select", "pselect6", "read", "write", "rt_sigtimedwait", "signalfd4",
         "eventfd2", "pipe2"),
@@ -490,15 +501,10 @@ def strace_threads(qkio_run_args: Iterable[str], syscalls: Iterable[str] = (
     strace slows every traced call a lot; give the run a ``--timeout`` or a
     guest that exits, and keep ``syscalls`` short.
     """
-    strace = shutil.which("strace")
-    if strace is None:
-        raise FileNotFoundError("strace is not installed")
     wanted = set(syscalls) | {"prctl", "clone", "clone3"}
     with tempfile.TemporaryDirectory(prefix="qkio-strace-") as tmp:
         out = Path(tmp) / "strace.out"
-        argv = [strace, "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(sorted(wanted)),
-                *(arg for spec in inject for arg in ("-e", f"inject={spec}")),
-                sys.executable, "-m", "qkio", "run", *map(str, qkio_run_args)]
+        argv = _strace_argv(out, wanted, qkio_run_args, inject)
         # Its own session for the same reason as spawn_vmm: no stray SIGINT.
         subprocess.run(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                        timeout=timeout, start_new_session=True, check=False)
@@ -583,14 +589,10 @@ def strace_threads_signalled(qkio_run_args: Iterable[str], signals: Iterable[int
     the way its arguments say (a ``--timeout``, or a SIGTERM among
     ``signals``).  Returns the calls grouped by thread name, sanitized.
     """
-    strace = shutil.which("strace")
-    if strace is None:
-        raise FileNotFoundError("strace is not installed")
     wanted = set(syscalls) | {"prctl", "clone", "clone3"}
     with tempfile.TemporaryDirectory(prefix="qkio-strace-") as tmp:
         out = Path(tmp) / "strace.out"
-        argv = [strace, "-f", "-qq", "-o", str(out), "-e", "trace=" + ",".join(sorted(wanted)),
-                sys.executable, "-m", "qkio", "run", *map(str, qkio_run_args)]
+        argv = _strace_argv(out, wanted, qkio_run_args)
         tracer = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         try:
