@@ -24,6 +24,13 @@ slow handler.  Acquiring first tries without blocking, which costs nothing when
 the lock is free; only when that fails is the wait timed and written to the
 trace as ``lock waited for``, with the waiting and the holding thread.
 
+The native exit loop (``qkio/native/cpu_exec.c``) takes and releases this
+lock too, once per guest exit, by repeating :meth:`GlobalMutex.lock`'s and
+:meth:`GlobalMutex.unlock`'s fast paths in C: it stores ``_owner`` and calls
+``_acquire``/``_release`` itself, and calls ``_lock_contended`` when the
+non-blocking acquire fails.  Those four names are this class's contract with
+that file; change them together.
+
 Fairness: neither a pthread mutex nor Python's lock is fair.  A thread that
 unlocks and immediately locks again (a vCPU thread looping on fast exits) can
 starve another waiter; qemu-kvm had that property too.

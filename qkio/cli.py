@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the wait in main_loop_wait (default select)")
     run.add_argument("--kick", choices=("immediate_exit", "signal_mask"), default="immediate_exit",
                      help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)")
+    run.add_argument("--exit-path", choices=("native", "python"), default=None,
+                     help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
+                          "loop (default: native when it can be built, else python, with a note)")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file")
     bench = sub.add_parser("bench", help="run the benchmarks")
     bench.add_argument("names", nargs="*")
@@ -109,9 +112,13 @@ def run_main(args) -> int:
             return _error(f"no such kernel file {kernel!r} (demo guests: {', '.join(guests.GUESTS)})")
     try:
         machine = Machine(memory_mib=args.memory, smp=args.smp, signals=args.signals,
-                          notify=args.notify, backend=args.backend, kick=args.kick, tracer=tracer)
+                          notify=args.notify, backend=args.backend, kick=args.kick,
+                          exit_path=args.exit_path, tracer=tracer)
     except (QkioError, ValueError) as e:
         return _error(str(e))
+    if args.exit_path is None and machine.cpus[0].exit_path == "python":
+        from . import native
+        print(f"qkio: note: using the Python exit loop ({native.unavailable_reason})", file=sys.stderr)
     tty = _Terminal(0)
     try:
         try:

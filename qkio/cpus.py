@@ -56,6 +56,7 @@ interrupt anything.
 
 from __future__ import annotations
 
+import array
 import collections
 import ctypes
 import errno
@@ -63,7 +64,8 @@ import signal
 import struct
 import threading
 
-from .errors import GuestFailure, KvmError
+from . import native
+from .errors import GuestFailure, KvmError, QkioError
 from .kvm.constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
 from .kvm.ioctl import KVM_RUN, libc_ioctl
 from .kvm.structs import kvm_run, kvm_run_exit, kvm_run_io
@@ -71,6 +73,7 @@ from .threads import gettid, start_thread
 
 SIG_IPI = signal.SIGUSR1
 KICK_STYLES = ("immediate_exit", "signal_mask")
+EXIT_PATHS = ("native", "python")
 
 #: ``KVM_RUN`` failing with EAGAIN is not an error.  An application
 #: processor starts in the "wait for SIPI" state (KVM_MP_STATE_UNINITIALIZED);
@@ -93,6 +96,22 @@ def _sig_ipi_handler(signo, frame):  # the kick's work is done by the kernel's E
     pass
 
 
+def choose_exit_path(exit_path: str | None):
+    """The native module for ``exit_path``, or None for the Python loop.
+
+    ``None`` means "native if it can be had, else Python" (:mod:`qkio.native`
+    says why not); ``"native"`` insists and raises if it cannot be built.
+    """
+    if exit_path not in (None, *EXIT_PATHS):
+        raise ValueError(f"exit path must be one of {EXIT_PATHS}, not {exit_path!r}")
+    if exit_path == "python":
+        return None
+    module = native.load()
+    if module is None and exit_path == "native":
+        raise QkioError(f"the native exit loop is not available: {native.unavailable_reason}")
+    return module
+
+
 def _sigset_bytes(signals) -> bytes:
     """The kernel's 64-bit sigset (bit n-1 for signal n), as KVM_SET_SIGNAL_MASK wants it."""
     bits = 0
@@ -111,9 +130,12 @@ class _Work:
 class CpuThread:
     """A vCPU and the thread that runs it (qemu-kvm's ``ap_main_loop``)."""
 
-    def __init__(self, machine, vcpu, kick: str = "immediate_exit"):
+    def __init__(self, machine, vcpu, kick: str = "immediate_exit", exit_path: str | None = None):
         if kick not in KICK_STYLES:
             raise ValueError(f"kick style must be one of {KICK_STYLES}, not {kick!r}")
+        self._native = choose_exit_path(exit_path)
+        #: ``"native"`` (the C port-I/O loop of :mod:`qkio.native`) or ``"python"``.
+        self.exit_path = "python" if self._native is None else "native"
         self.machine = machine
         self.vcpu = vcpu
         self.index = vcpu.id
@@ -126,6 +148,8 @@ class CpuThread:
         # Exits by reason, one slot per reason: a list index is the cheapest
         # counter there is, and this one is bumped on every exit.
         self._tally = [0] * 64
+        # Port accesses the native loop completed: it bumps this in place.
+        self._native_io_exits = array.array("Q", [0])
         self.kicks_sent = 0
         self.kicks_received = 0
         self.last_exit: int | None = None
@@ -177,8 +201,15 @@ class CpuThread:
         fast host -- so it is written for that: everything it touches is
         bound to a local first, ``KVM_RUN`` is issued directly rather than
         through :meth:`Vcpu.run` (same call, one Python frame less), and the
-        commonest exit, port I/O, is dispatched before anything else.  With
-        tracing on, the same steps go through :meth:`_run_traced` instead.
+        commonest exit, port I/O, is dispatched before anything else.
+
+        With the native loop (:mod:`qkio.native`, ``exit_path="native"``), the
+        first four steps -- drop the lock, ``KVM_RUN``, retake the lock,
+        complete a port access on its device -- run in C, over and over,
+        until an exit the C code does not handle; that exit (or the EINTR of
+        a kick) comes back here and is handled below exactly as on the
+        Python path.  With tracing on, every ``KVM_RUN`` goes through
+        :meth:`_run_traced` instead, so that each one is in the trace.
         """
         vcpu, lock, tracer, machine = self.vcpu, self.lock, self.tracer, self.machine
         run, page, bus = vcpu.kvm_run, vcpu.run_page, machine.bus
@@ -186,6 +217,8 @@ class CpuThread:
         unlock, relock = lock.unlock, lock.lock
         handle = machine.handle_exit
         tally = self._tally
+        native_run = self._native.run if self._native is not None else None
+        slots, native_io = bus._slots, self._native_io_exits
         while True:
             if self._pending:
                 self._pending = False  # before reading the requests (module comment)
@@ -193,6 +226,10 @@ class CpuThread:
                     return
             if tracer.enabled:
                 reason = self._run_traced()
+            elif native_run is not None:
+                self.last_exit = _EXIT_IO  # what it was handling if a device raises
+                ret = native_run(fd, page, lock, slots, native_io)
+                reason = ret if ret >= 0 else self._run_failed(-ret)
             else:
                 unlock()  # pre_kvm_run: the guest runs without the lock
                 ret = kvm_run_ioctl(fd, KVM_RUN, 0)
@@ -217,8 +254,10 @@ class CpuThread:
     def exit_counts(self) -> collections.Counter:
         """Exits taken so far, by reason (``ExitReason`` where KVM's number has a name)."""
         names = ExitReason._value2member_map_
+        tally = list(self._tally)
+        tally[_EXIT_IO] += self._native_io_exits[0]
         return collections.Counter({names.get(reason, reason): n
-                                    for reason, n in enumerate(self._tally) if n})
+                                    for reason, n in enumerate(tally) if n})
 
     def _run_failed(self, err: int):
         """``KVM_RUN`` returned -1: a kick (EINTR), an AP woken by INIT (EAGAIN), or an error."""

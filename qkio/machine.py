@@ -61,12 +61,14 @@ class Machine:
     (:class:`qkio.signals.SignalSource`).  ``notify``: ``"eventfd"`` or
     ``"pipe"``.  ``backend``: ``"select"``, ``"poll"`` or ``"epoll"``.
     ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
+    ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
+    ``"python"``, or None for native when it can be built.
     ``console``: called with each chunk the UART transmits (default: stdout).
     """
 
     def __init__(self, *, memory_mib: int = 32, smp: int = 1, signals: str | None = None,
                  notify: str = "eventfd", backend: str = "select", kick: str = "immediate_exit",
-                 console=None, tracer: _trace.Tracer | None = None,
+                 exit_path: str | None = None, console=None, tracer: _trace.Tracer | None = None,
                  force_signalfd_failure: bool = False, log=None):
         if not 1 <= smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {smp}")
@@ -82,13 +84,14 @@ class Machine:
         self._irq_levels: dict[int, int] = {}
         self._mmio_reported: set[int] = set()
         try:
-            self._build(memory_mib, smp, signals, notify, backend, kick, console,
+            self._build(memory_mib, smp, signals, notify, backend, kick, exit_path, console,
                         force_signalfd_failure)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, memory_mib, smp, signals, notify, backend, kick, console, force_sfd_fail):
+    def _build(self, memory_mib, smp, signals, notify, backend, kick, exit_path, console,
+               force_sfd_fail):
         install_sig_ipi_handler()
         if signals is not None:
             # No-op in `qkio run`, which blocked them before any thread existed;
@@ -122,7 +125,7 @@ class Machine:
         for index in range(smp):
             vcpu = vm.create_vcpu(index)
             try:
-                cpu = CpuThread(self, vcpu, kick=kick)
+                cpu = CpuThread(self, vcpu, kick=kick, exit_path=exit_path)
             except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
                 vcpu.close()
                 raise

@@ -12,11 +12,13 @@ starting ``qkio: error:`` or ``qkio:`` -- never a traceback.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from collections import defaultdict
 
 import pytest
-from helpers.vmm import require_kvm, run_qkio, test_kernel
+from helpers.vmm import QKIO_RUN, require_kvm, run_qkio, test_kernel
 
 
 @pytest.fixture(autouse=True)
@@ -153,3 +155,21 @@ def test_trace_file_is_valid_trace_event_json(tmp_path):
     # Exit reasons ride on the E events of KVM_RUN.
     reasons = {ev.get("args", {}).get("exit_reason") for ev in events if ev["ph"] == "E" and ev["tid"] == cpu}
     assert "IO" in reasons
+
+
+@pytest.mark.parametrize("exit_path", ["native", "python"])
+def test_either_exit_path_runs_the_guest_the_same(exit_path):
+    result = run_qkio("--kernel", str(test_kernel("hello")), "--exit-path", exit_path)
+    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from a Multiboot kernel\n", b"")
+
+
+def test_without_the_native_loop_a_run_says_so_or_refuses():
+    env = {**os.environ, "QKIO_NATIVE": "0"}
+    argv = [*QKIO_RUN, "--kernel", str(test_kernel("hello"))]
+    auto = subprocess.run(argv, capture_output=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert auto.returncode == 33
+    assert auto.stderr == b"qkio: note: using the Python exit loop (QKIO_NATIVE=0 in the environment)\n"
+    insist = subprocess.run([*argv, "--exit-path", "native"], capture_output=True, timeout=60, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert insist.returncode == 1 and insist.stdout == b""
+    assert b"the native exit loop is not available: QKIO_NATIVE=0" in insist.stderr

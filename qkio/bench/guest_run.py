@@ -60,10 +60,11 @@ def qkio_machine(elf, count: int, console=None, **kw):
     return machine
 
 
-def run_qkio(elf, count: int, setup=None) -> tuple[float, dict]:
+def run_qkio(elf, count: int, setup=None, exit_path: str | None = None) -> tuple[float, dict]:
     """Seconds of ``Machine.run()`` and the vCPU's exit counts.  ``setup(machine)``
-    runs before the clock starts (e.g. to register an ioeventfd)."""
-    machine = qkio_machine(elf, count)
+    runs before the clock starts (e.g. to register an ioeventfd).  ``exit_path``:
+    see :class:`qkio.machine.Machine` (None: native if it can be built)."""
+    machine = qkio_machine(elf, count, exit_path=exit_path)
     try:
         extra = setup(machine) if setup else None
         t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def run_qkio(elf, count: int, setup=None) -> tuple[float, dict]:
         seconds = time.perf_counter() - t0
         if status != GUEST_EXIT_STATUS:
             raise RunFailed(f"qkio: guest ended with status {status}: {machine.exit_message}")
-        info = {"exits": {int(k): v for k, v in machine.cpus[0].exit_counts.items()}}
+        info = {"exits": {int(k): v for k, v in machine.cpus[0].exit_counts.items()},
+                "exit_path": machine.cpus[0].exit_path}
         if extra is not None:
             info["setup"] = extra(machine) if callable(extra) else extra
         return seconds, info
