@@ -17,8 +17,8 @@ see half a file (each builds under a temporary name and renames).
 :func:`load` returns the module, or None when it cannot be had; then
 :data:`unavailable_reason` says why (no gcc, no ``Python.h``, a compile error,
 or ``QKIO_NATIVE=0`` in the environment) and qkio runs its pure-Python loop,
-which behaves the same, only slower.  Nothing is silent: ``qkio run -v`` and
-``qkio bench pio`` print which loop ran.
+which behaves the same, only slower.  Nothing is silent: ``qkio run`` prints
+a note when it falls back, and ``qkio bench pio`` reports which loop ran.
 """
 
 from __future__ import annotations
