@@ -38,6 +38,7 @@ import sys
 import time
 
 from .progress import Progress, Silent
+from .stats import host_steal_ms, steal_between
 
 #: Benchmark name -> its module (imported when first used).
 BENCHMARKS = {"signal": "signal_latency", "wakeup": "wakeup", "wait": "wait", "pio": "pio",
@@ -101,10 +102,11 @@ def run_benchmarks(names=None, quick: bool = False, progress=None) -> dict:
     out = {"machine": machine_info(), "quick": quick, "results": {}, "errors": {}}
     for name in names:
         progress.start(name)
-        t0 = time.monotonic()
+        t0, steal0 = time.monotonic(), host_steal_ms()
         try:
             result = benchmark(name).run(quick=quick, progress=progress)
             result["wall_s"] = round(time.monotonic() - t0, 2)
+            result["host_steal_ms"] = steal_between(steal0, host_steal_ms())
             out["results"][name] = result
         except Exception as e:  # one failing benchmark must not lose the others
             out["errors"][name] = f"{type(e).__name__}: {e}"
@@ -122,7 +124,9 @@ def format_table(report: dict) -> str:
     for name, result in report["results"].items():
         module = benchmark(name)
         lines.append("")
-        lines.append(f"{name}: {module.TITLE}  [{result.get('wall_s', '?')} s]")
+        steal = result.get("host_steal_ms")
+        lines.append(f"{name}: {module.TITLE}  [{result.get('wall_s', '?')} s"
+                     + (f"; host steal {steal:g} ms" if steal is not None else "") + "]")
         rows = module.table(result)
         width = max((len(k) for k, _ in rows), default=0)
         for key, value in rows:

@@ -11,6 +11,7 @@ single sample is its own every percentile.
 from __future__ import annotations
 
 import math
+import os
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -52,3 +53,25 @@ def fmt_dist(d: dict, unit: str = "µs") -> str:
         return "no samples"
     return (f"p50 {d['p50']:.3g} {unit} (p90 {d['p90']:.3g}, p99 {d['p99']:.3g}, "
             f"max {d['max']:.3g}; n={d['n']})")
+
+
+def host_steal_ms() -> float | None:
+    """CPU time the host has taken from this (virtual) machine's CPUs since boot, in ms.
+
+    The eighth number of ``/proc/stat``'s ``cpu`` line: time a vCPU of this
+    machine was ready to run but the hypervisor ran something else.  It is
+    the one kind of delay no code in the VMM can cause or avoid, so the
+    benchmarks report how much of it fell inside each run -- next to a
+    latency outlier, it says whether the outlier could be the host's.
+    None where the kernel does not report it.
+    """
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def steal_between(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else round(after - before, 1)

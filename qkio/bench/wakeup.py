@@ -17,7 +17,9 @@ What it shows: a wake-up is a kernel wake-up plus a Python thread taking the
 GIL.  The sender blocks (in ``read``) right after notifying, so it hands the
 GIL over at once; if it kept running Python instead, the io thread would wait
 for the interpreter's switch interval (5 ms) -- the stall reported as
-``over_5ms``.  Also reported: the io thread's own CPU time per wake-up
+``over_5ms``.  Next to it, ``host_steal_ms``: how long the hypervisor kept
+this machine's vCPUs from running during the run (``/proc/stat``), the one
+cause of a stall that no thread here controls.  Also reported: the io thread's own CPU time per wake-up
 (``time.thread_time`` over the run); with ``samples=True``, every latency in
 order (``samples_us``), for plotting the whole distribution.
 """
@@ -32,7 +34,7 @@ import time
 
 from qkio.main_loop import MainLoop
 
-from .stats import fmt_dist, summarize
+from .stats import fmt_dist, host_steal_ms, steal_between, summarize
 
 NAME = "wakeup"
 TITLE = "EventNotifier.notify() in one thread -> main_loop_wait returns in the io thread"
@@ -44,8 +46,13 @@ STALL_US = 5000.0  # sys.getswitchinterval() by default
 _NS = struct.Struct("=Q")
 
 
-def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
+def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 100e-6,
+                 busy_after_notify_s: float = 0.0) -> dict:
     """Measure ``count`` notify -> main_loop_wait-returned wake-ups of ``loop``'s io thread.
+
+    ``busy_after_notify_s``: instead of blocking at once, the sender keeps
+    running Python for that long after each notify -- the notifier that
+    holds on to the GIL, whose cost the switch interval bounds.
 
     The io thread is started here and stopped before returning.  Returns
     ``{"latency_us": summary, "samples_us": [...], "io_cpu_us_per_wake": ...,
@@ -77,9 +84,12 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
         time.sleep(0.01)
         now, read, unpack = time.monotonic_ns, os.read, _NS.unpack
         notify = loop.notifier.notify
+        busy_ns = int(busy_after_notify_s * 1e9)
         for i in range(warmup + count):
             t0 = now()
             notify()
+            while busy_ns and now() - t0 < busy_ns:
+                pass  # pure Python: this thread keeps the GIL until asked to drop it
             (t1,) = unpack(read(ack_r, 8))
             if i >= warmup:
                 samples.append((t1 - t0) / 1000)
@@ -108,8 +118,10 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     for kind in KINDS:
         if progress:
             progress(f"{kind}: {count} wake-ups")
+        steal0 = host_steal_ms()
         with MainLoop(backend="select", notifier=kind) as loop:
             r = wake_latency(loop, count)
+        r["host_steal_ms"] = steal_between(steal0, host_steal_ms())
         lat = r.pop("samples_us")
         r["max_us"] = r["latency_us"]["max"]
         r["over_5ms"] = sum(1 for s in lat if s > STALL_US)
@@ -123,8 +135,10 @@ def run(quick: bool = False, progress=None, count: int | None = None,
 def table(result: dict) -> list[tuple[str, str]]:
     rows = []
     for kind, r in result["kinds"].items():
-        rows.append((kind, f"{fmt_dist(r['latency_us'])}; {r['over_5ms']} over 5 ms; "
-                           f"io thread CPU {r['io_cpu_us_per_wake']} µs/wake"))
+        steal = r.get("host_steal_ms")
+        rows.append((kind, f"{fmt_dist(r['latency_us'])}; {r['over_5ms']} over 5 ms"
+                           + (f" (host steal in the run: {steal:g} ms)" if steal is not None else "")
+                           + f"; io thread CPU {r['io_cpu_us_per_wake']} µs/wake"))
     ev = result["kinds"].get("eventfd")
     if ev:
         ok = ev["target_p50_under_50us"] and ev["over_5ms"] == 0
