@@ -48,11 +48,28 @@ from qkio import trace
 __all__ = ["GlobalMutex"]
 
 
+def _raw_lock():
+    """The lock under a GlobalMutex: the native module's ``QemuMutex`` when it is
+    available (the native exit loop then takes it without a Python call; see
+    ``qkio/native/cpu_exec.c``), else a ``threading.Lock``.  Both are plain,
+    non-recursive locks with ``acquire(blocking)``, ``release()`` and ``locked()``,
+    and both wait with the GIL released."""
+    from qkio import native  # here, not at import: building it is for the first mutex
+    module = native.load()
+    return module.QemuMutex() if module is not None else threading.Lock()
+
+
 class GlobalMutex:
     """qemu-kvm's ``qemu_mutex``: ``lock()``, ``unlock()``, ``with``, ``held_by_me()``."""
 
+    # Slots, not a __dict__: ``_owner`` is written twice per guest exit, by
+    # the Python loop and by the native one (which goes through the generic
+    # attribute protocol); a slot store is a pointer write, a dict store a
+    # hash-table update -- measurably slower on the per-exit path.
+    __slots__ = ("_lock", "_acquire", "_release", "_owner", "name", "tracer")
+
     def __init__(self, tracer: trace.Tracer | None = None, name: str = "qemu_mutex") -> None:
-        self._lock = threading.Lock()
+        self._lock = _raw_lock()
         self._acquire = self._lock.acquire
         self._release = self._lock.release
         self._owner: int | None = None  # threading.get_ident() of the holder

@@ -230,3 +230,29 @@ def test_kicks_reach_a_vcpu_in_the_native_loop():
     # Each call's kick ended a KVM_RUN (kicks that land while the vCPU is
     # already in Python are taken by the next entry, so none is lost).
     assert cpu.kicks_received >= 1
+
+
+def test_qemu_mutex_is_a_plain_lock_that_waits_without_the_gil():
+    QemuMutex = native.load().QemuMutex
+    from qkio.bql import GlobalMutex
+    assert type(GlobalMutex()._lock) is QemuMutex  # what every qemu_mutex is built on here
+    lock = QemuMutex()
+    assert lock.acquire(False) and lock.locked() and not lock.acquire(False)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(lock.acquire()))
+    waiter.start()
+    # The waiter is blocked in acquire(); this thread still runs Python, so
+    # the wait does not hold the GIL.
+    t0 = time.monotonic()
+    spins = 0
+    while time.monotonic() - t0 < 0.2:
+        spins += 1
+    assert spins > 1000 and got == []
+    lock.release()
+    waiter.join(5)
+    assert got == [True] and lock.locked()
+    lock.release()
+    with pytest.raises(RuntimeError, match="release unlocked lock"):
+        lock.release()
+    with pytest.raises(TypeError):
+        QemuMutex(1)

@@ -78,10 +78,10 @@ def _checked_c(elf, n):
 
 def run(quick: bool = False, progress=None, n: int | None = None, small: int | None = None,
         rounds: int | None = None, qemu: bool | None = None, n_qemu: int | None = None) -> dict:
-    n = n or (20_000 if quick else 200_000)
+    n = n or (20_000 if quick else 100_000)
     n_qemu = n_qemu or (100_000 if quick else 400_000)
     small = small or (1_000 if quick else 2_000)
-    rounds = rounds or (3 if quick else 5)
+    rounds = rounds or (3 if quick else 9)
     qemu = have_qemu() if qemu is None else qemu
     elf = build_guest("pio")
     paths = set()

@@ -21,6 +21,7 @@
  *     KVM_RUN through a C function, nothing else           ~1.02 x C
  *     ... plus the qemu_mutex pair done in Python          ~1.08 x C
  *     ... plus decoding and dispatching the OUT in Python  ~1.14 x C
+ *     this file, calling the Python device                 ~1.03-1.05 x C
  *
  * so this file does those four steps for the one exit that comes by the
  * hundred thousand -- port I/O to a device on qkio's PortBus -- and hands
@@ -60,13 +61,20 @@
  * argument as in qkio/cpus.py.
  *
  * The mutex.  GlobalMutex's uncontended lock and unlock are a store to
- * _owner and a raw threading.Lock acquire/release; this repeats those two
- * fast paths and, when the non-blocking acquire fails, calls the mutex's own
+ * _owner and a raw lock's acquire/release; this repeats those two fast paths
+ * and, when the non-blocking acquire fails, calls the mutex's own
  * _lock_contended(), which blocks with the GIL released and records the wait
  * in the trace.  So a thread waiting for qemu_mutex looks the same whichever
- * path took it.  Order matters: the GIL is taken back before the mutex, never
- * the other way round, or a thread holding the mutex and wanting the GIL
- * would deadlock against us.
+ * path took it.  Order matters: we never *wait* for the mutex while holding
+ * the GIL, or a thread holding the mutex and wanting the GIL would deadlock
+ * against us.
+ *
+ * The raw lock is QemuMutex, below, when GlobalMutex was made with this
+ * module loaded (it then is the lock under every qemu_mutex), and then we
+ * lock and unlock it with two direct calls.  Going through a
+ * threading.Lock's methods instead cost ~0.3 us per exit here: acquire()
+ * parses its arguments as keywords-or-tuple on every call.  Any other lock
+ * object still works, through its methods.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -79,7 +87,124 @@
 
 #define PORT_COUNT 0x10000
 
-static PyObject *s_owner, *s_release, *s_acquire, *s_contended, *s_io_read, *s_io_write;
+/* --- QemuMutex: a plain, non-recursive lock with C-callable fast paths ------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyThread_type_lock lock;
+    char locked;
+} QemuMutex;
+
+static PyTypeObject QemuMutex_Type;
+
+static PyObject *qemu_mutex_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    QemuMutex *self;
+
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "QemuMutex() takes no arguments");
+        return NULL;
+    }
+    if (!(self = (QemuMutex *)type->tp_alloc(type, 0)))
+        return NULL;
+    if (!(self->lock = PyThread_allocate_lock())) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static void qemu_mutex_dealloc(QemuMutex *self)
+{
+    if (self->lock) {
+        if (self->locked)
+            PyThread_release_lock(self->lock);
+        PyThread_free_lock(self->lock);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int qemu_mutex_trylock(QemuMutex *self)
+{
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK))
+        return 0;
+    self->locked = 1;
+    return 1;
+}
+
+static void qemu_mutex_unlock(QemuMutex *self)
+{
+    self->locked = 0;
+    PyThread_release_lock(self->lock);
+}
+
+/* acquire(blocking=True) -> bool.  Waits with the GIL released, and, like
+ * threading.Lock, lets signal handlers run (and raise) while it waits. */
+static PyObject *qemu_mutex_acquire(QemuMutex *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyLockStatus r;
+    int blocking = 1;
+
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "acquire(blocking=True) takes at most 1 argument");
+        return NULL;
+    }
+    if (nargs == 1 && (blocking = PyObject_IsTrue(args[0])) < 0)
+        return NULL;
+    if (qemu_mutex_trylock(self))
+        Py_RETURN_TRUE;
+    if (!blocking)
+        Py_RETURN_FALSE;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        r = PyThread_acquire_lock_timed(self->lock, -1, 1);
+        Py_END_ALLOW_THREADS
+        if (r == PY_LOCK_ACQUIRED)
+            break;
+        if (r == PY_LOCK_INTR && Py_MakePendingCalls() < 0)
+            return NULL;
+    }
+    self->locked = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *qemu_mutex_release(QemuMutex *self, PyObject *unused)
+{
+    if (!self->locked) {
+        PyErr_SetString(PyExc_RuntimeError, "release unlocked lock");
+        return NULL;
+    }
+    qemu_mutex_unlock(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *qemu_mutex_locked(QemuMutex *self, PyObject *unused)
+{
+    return PyBool_FromLong(self->locked);
+}
+
+static PyMethodDef qemu_mutex_methods[] = {
+    {"acquire", (PyCFunction)(void (*)(void))qemu_mutex_acquire, METH_FASTCALL,
+     "acquire(blocking=True) -> bool"},
+    {"release", (PyCFunction)qemu_mutex_release, METH_NOARGS, "release()"},
+    {"locked", (PyCFunction)qemu_mutex_locked, METH_NOARGS, "locked() -> bool"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject QemuMutex_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "qkio.native._cpu_exec.QemuMutex",
+    .tp_doc = "A non-recursive lock, like threading.Lock, that the exit loop can take without a call.",
+    .tp_basicsize = sizeof(QemuMutex),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = qemu_mutex_new,
+    .tp_dealloc = (destructor)qemu_mutex_dealloc,
+    .tp_methods = qemu_mutex_methods,
+};
+
+/* --- the exit loop -------------------------------------------------------------- */
+
+static PyObject *s_owner, *s_lock, *s_release, *s_acquire, *s_contended, *s_io_read, *s_io_write;
 
 /* Everything one call needs, looked up once per call (not per exit). */
 struct loop {
@@ -87,6 +212,7 @@ struct loop {
     struct kvm_run *run;
     Py_ssize_t run_size;
     PyObject *mutex, *release, *acquire, *contended, *ident, *slots;
+    QemuMutex *raw;  /* the mutex's _lock, if it is a QemuMutex; else NULL */
 };
 
 /* pre_kvm_run; KVM_RUN with the GIL released; post_kvm_run.
@@ -94,29 +220,38 @@ struct loop {
 static int run_once(struct loop *l, int *ret)
 {
     PyObject *r;
-    int rc, err = 0;
+    int rc, err = 0, got;
 
     if (PyObject_SetAttr(l->mutex, s_owner, Py_None) < 0)
         return -1;
-    if (!(r = PyObject_CallNoArgs(l->release)))
-        return -1;
-    Py_DECREF(r);
+    if (l->raw) {
+        qemu_mutex_unlock(l->raw);
+    } else {
+        if (!(r = PyObject_CallNoArgs(l->release)))
+            return -1;
+        Py_DECREF(r);
+    }
 
     Py_BEGIN_ALLOW_THREADS
     rc = ioctl(l->fd, KVM_RUN, 0);
     if (rc < 0)
         err = errno;
     Py_END_ALLOW_THREADS
-
-    if (!(r = PyObject_CallOneArg(l->acquire, Py_False)))
-        return -1;
     rc = rc < 0 ? -err : rc;
-    if (r != Py_True) {
+
+    if (l->raw) {
+        got = qemu_mutex_trylock(l->raw);
+    } else {
+        if (!(r = PyObject_CallOneArg(l->acquire, Py_False)))
+            return -1;
+        got = r == Py_True;
         Py_DECREF(r);
+    }
+    if (!got) {
         if (!(r = PyObject_CallNoArgs(l->contended)))
             return -1;
+        Py_DECREF(r);
     }
-    Py_DECREF(r);
     if (PyObject_SetAttr(l->mutex, s_owner, l->ident) < 0)
         return -1;
     *ret = rc;
@@ -207,6 +342,7 @@ fail:
 static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
     struct loop l = {0};
+    PyObject *lock;
     Py_buffer page, counter;
     volatile uint64_t *io_exits;
     PyObject *result = NULL;
@@ -248,6 +384,11 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     l.run_size = page.len;
     l.mutex = argv[2];
     l.slots = argv[3];
+    if (!(lock = PyObject_GetAttr(l.mutex, s_lock)))
+        goto out;
+    if (Py_IS_TYPE(lock, &QemuMutex_Type))
+        l.raw = (QemuMutex *)lock;  /* kept alive by the mutex, which the caller holds */
+    Py_DECREF(lock);
     if (!(l.release = PyObject_GetAttr(l.mutex, s_release)) ||
         !(l.acquire = PyObject_GetAttr(l.mutex, s_acquire)) ||
         !(l.contended = PyObject_GetAttr(l.mutex, s_contended)) ||
@@ -295,12 +436,21 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__cpu_exec(void)
 {
+    PyObject *m;
+
     if (!(s_owner = PyUnicode_InternFromString("_owner")) ||
+        !(s_lock = PyUnicode_InternFromString("_lock")) ||
         !(s_release = PyUnicode_InternFromString("_release")) ||
         !(s_acquire = PyUnicode_InternFromString("_acquire")) ||
         !(s_contended = PyUnicode_InternFromString("_lock_contended")) ||
         !(s_io_read = PyUnicode_InternFromString("io_read")) ||
         !(s_io_write = PyUnicode_InternFromString("io_write")))
         return NULL;
-    return PyModule_Create(&module_def);
+    if (PyType_Ready(&QemuMutex_Type) < 0 || !(m = PyModule_Create(&module_def)))
+        return NULL;
+    if (PyModule_AddObjectRef(m, "QemuMutex", (PyObject *)&QemuMutex_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
