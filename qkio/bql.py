@@ -26,9 +26,10 @@ trace as ``lock waited for``, with the waiting and the holding thread.
 
 The native exit loop (``qkio/native/cpu_exec.c``) takes and releases this
 lock too, once per guest exit, by repeating :meth:`GlobalMutex.lock`'s and
-:meth:`GlobalMutex.unlock`'s fast paths in C: it stores ``_owner`` and calls
-``_acquire``/``_release`` itself, and calls ``_lock_contended`` when the
-non-blocking acquire fails.  Those four names are this class's contract with
+:meth:`GlobalMutex.unlock`'s fast paths in C: it stores ``_owner``, takes
+and drops ``_lock`` directly when that is the native ``QemuMutex`` (through
+``_acquire``/``_release`` otherwise), and calls ``_lock_contended`` when the
+non-blocking acquire fails.  Those five names are this class's contract with
 that file; change them together.
 
 Fairness: neither a pthread mutex nor Python's lock is fair.  A thread that
