@@ -35,16 +35,19 @@ from .bql import GlobalMutex
 from .cpu_init import apply_cpu_state, setup_cpuid, setup_fpu, setup_lint
 from .cpus import CpuThread, describe_failure, handle_io, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
+from .devices.mmio import MmioBus, handle_mmio
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
 from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
 from .errors import BadKernel, GuestFailure, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
+from .kvm.structs import kvm_run
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 from .main_loop import MainLoop
 from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
+_EXIT_AT = kvm_run.exit.offset  # where the exit union sits in the kvm_run page
 
 # Exit statuses of a run (``qkio run`` exits with these; see its --help).
 # isa-debug-exit gives odd statuses, (V << 1) | 1, so qkio's own are even.
@@ -82,7 +85,6 @@ class Machine:
         self.kvm = self.vm = self.memory = self.loop = self.signal_source = None
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
-        self._mmio_reported: set[int] = set()
         try:
             self._build(memory_mib, smp, signals, notify, backend, kick, exit_path, console,
                         force_signalfd_failure)
@@ -113,6 +115,8 @@ class Machine:
 
         write_console = console or (lambda data: os.write(1, data))
         self.bus = PortBus()
+        # KVM_EXIT_MMIO goes here, by address, as port I/O goes to self.bus.
+        self.mmio_bus = MmioBus(on_unassigned=self._log_unassigned_mmio)
         self.serial = Serial(write_console, irq=self._serial_irq,
                              accept_input=lambda: self.loop.notify_event("serial accepts input"))
         self.bus.register(COM1_BASE, 8, self.serial, "serial")
@@ -238,17 +242,12 @@ class Machine:
             raise GuestFailure(describe_failure(cpu.vcpu, reason))
 
     def _handle_mmio(self, cpu: CpuThread) -> None:
-        mmio = cpu.vcpu.kvm_run.exit.mmio
-        addr = mmio.phys_addr
-        page = addr >> 12
-        if page not in self._mmio_reported:
-            self._mmio_reported.add(page)
-            what = "write" if mmio.is_write else "read"
-            self.log(f"unassigned memory {addr:#x} ({what}, {mmio.len} bytes)"
-                     + ("" if mmio.is_write else " reads as all ones"))
-        if not mmio.is_write:
-            for i in range(mmio.len):
-                mmio.data[i] = 0xFF
+        handle_mmio(self.mmio_bus, cpu.vcpu.run_page, _EXIT_AT)
+
+    def _log_unassigned_mmio(self, addr: int, size: int, is_write: bool) -> None:
+        what = "write" if is_write else "read"
+        self.log(f"unassigned memory {addr:#x} ({what}, {size} bytes)"
+                 + ("" if is_write else " reads as all ones"))
 
     # --- signals -----------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 One module per device, named after what it models (as kvmtool's hw/):
 
 * :mod:`.ioport` -- the port I/O bus that routes IN/OUT exits to devices;
+* :mod:`.mmio` -- the MMIO bus that routes KVM_EXIT_MMIO accesses by address;
 * :mod:`.serial` -- the 16550A UART behind the guest's console;
 * :mod:`.debug_exit` -- QEMU's isa-debug-exit, how a test guest stops;
 * :mod:`.fw_cfg` -- QEMU's firmware configuration ports.

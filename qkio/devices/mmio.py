@@ -1,0 +1,134 @@
+"""The MMIO bus: which device answers a guest load or store outside RAM.
+
+KVM hands userspace every guest access to a physical address that no memory
+slot backs as a ``KVM_EXIT_MMIO`` (address, 1-8 bytes, direction, data in the
+``kvm_run`` page).  This bus does for those what :class:`~qkio.devices.ioport.PortBus`
+does for port I/O: find the device that owns the address, call it with the
+offset from the device's base, and put the answer back in the ``kvm_run`` page.
+
+The differences from the port bus follow from the address space:
+
+* it is 64 bits wide, so ownership is a short sorted list of ranges searched
+  with :func:`bisect.bisect_right`, not a table with a slot per address (a
+  PC has a handful of MMIO devices: here the virtio-mmio transports);
+* accesses are 1, 2, 4 or 8 bytes (KVM's ``kvm_run.mmio.len``), the same
+  device protocol otherwise: ``io_read(offset, size) -> int`` and
+  ``io_write(offset, size, value)``;
+* an access that runs off the end of its device, or touches no device, is
+  QEMU's ``unassigned_mem_ops`` case (softmmu/physmem.c in QEMU 7.2): reads
+  are all ones, writes vanish.  Only the first such access to each 4 KiB page
+  is reported, so that a probing guest does not flood the log.  (The device
+  itself decides about unaligned or odd-sized accesses inside its range; a
+  virtio-mmio transport, for one, ignores them as QEMU's does.)
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import sys
+from typing import Callable
+
+from qkio.devices.ioport import PortDevice
+from qkio.errors import QkioError
+
+#: Sizes KVM reports in ``kvm_run.mmio.len``, and their all-ones values.
+_ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+ADDRESS_LIMIT = 1 << 64
+
+
+class MmioConflict(QkioError, ValueError):
+    """A device was registered over addresses another device already owns."""
+
+
+def log_unassigned(addr: int, size: int, is_write: bool) -> None:
+    """Default :attr:`MmioBus.on_unassigned`: one line on stderr."""
+    what = "write" if is_write else "read"
+    tail = "" if is_write else " reads as all ones"
+    print(f"qkio: unassigned memory {addr:#x} ({what}, {size} bytes){tail}", file=sys.stderr)
+
+
+class MmioBus:
+    """Routes guest-physical loads and stores outside RAM to devices."""
+
+    def __init__(self, on_unassigned: Callable[[int, int, bool], None] = log_unassigned):
+        self.on_unassigned = on_unassigned
+        self._bases: list[int] = []                                # sorted
+        self._entries: list[tuple[int, int, PortDevice, str]] = []  # (base, end, device, name), same order
+        self._reported: set[int] = set()                           # pages already reported
+
+    def register(self, base: int, length: int, device: PortDevice, name: str) -> None:
+        """Give guest-physical ``base .. base+length-1`` to ``device``."""
+        if length < 1 or base < 0 or base + length > ADDRESS_LIMIT:
+            raise ValueError(f"cannot register {name}: {base:#x}+{length:#x} is not a 64-bit range")
+        end = base + length
+        for other_base, other_end, _, other in self._entries:
+            if base < other_end and other_base < end:
+                raise MmioConflict(
+                    f"cannot register {name} at {base:#x}..{end - 1:#x}: it overlaps "
+                    f"{other} ({other_base:#x}..{other_end - 1:#x})")
+        at = bisect.bisect_right(self._bases, base)
+        self._bases.insert(at, base)
+        self._entries.insert(at, (base, end, device, name))
+
+    def regions(self) -> list[tuple[int, int, str]]:
+        """``(base, length, name)`` of every registered device, by base."""
+        return [(base, end - base, name) for base, end, _, name in self._entries]
+
+    def find(self, addr: int, size: int = 1):
+        """``(device, offset)`` owning ``addr .. addr+size-1`` wholly, or None."""
+        at = bisect.bisect_right(self._bases, addr) - 1
+        if at >= 0:
+            base, end, device, _ = self._entries[at]
+            if addr + size <= end:
+                return device, addr - base
+        return None
+
+    def read(self, addr: int, size: int) -> int:
+        if size not in _ALL_ONES:
+            raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
+        hit = self.find(addr, size)
+        if hit is None:
+            self._report(addr, size, False)
+            return _ALL_ONES[size]
+        return hit[0].io_read(hit[1], size) & _ALL_ONES[size]
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        if size not in _ALL_ONES:
+            raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
+        hit = self.find(addr, size)
+        if hit is None:
+            self._report(addr, size, True)
+            return
+        hit[0].io_write(hit[1], size, value & _ALL_ONES[size])
+
+    def _report(self, addr: int, size: int, is_write: bool) -> None:
+        page = addr >> 12
+        if page not in self._reported:
+            self._reported.add(page)
+            self.on_unassigned(addr, size, is_write)
+
+
+# KVM_EXIT_MMIO's fields in the kvm_run page: u64 phys_addr, u8 data[8],
+# u32 len, u8 is_write -- at the same place as the io fields (the exit union).
+_MMIO_FIELDS = struct.Struct("=Q8sIB")
+
+
+def handle_mmio(bus: MmioBus, page, at: int, _unpack=_MMIO_FIELDS.unpack_from) -> None:
+    """``KVM_EXIT_MMIO``: carry one access between the ``kvm_run`` page and ``bus``.
+
+    ``at`` is the offset of ``kvm_run.exit`` in the page.  A length KVM would
+    never report (not 1, 2, 4 or 8) is treated as unassigned rather than
+    trusted.
+    """
+    addr, data, length, is_write = _unpack(page, at)
+    if length not in _ALL_ONES:
+        bus._report(addr, length, bool(is_write))
+        if not is_write:
+            page[at + 8:at + 16] = b"\xff" * 8
+        return
+    if is_write:
+        bus.write(addr, length, int.from_bytes(data[:length], "little"))
+    else:
+        value = bus.read(addr, length)
+        page[at + 8:at + 8 + length] = value.to_bytes(length, "little")

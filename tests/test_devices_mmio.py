@@ -1,0 +1,124 @@
+"""The MMIO bus: dispatch by address, unassigned accesses, and a real guest's
+``KVM_EXIT_MMIO`` accesses reaching a device through :class:`qkio.machine.Machine`."""
+
+from __future__ import annotations
+
+import pytest
+from helpers.vmm import require_kvm
+
+from qkio.devices.mmio import MmioBus, MmioConflict, handle_mmio
+from qkio.kvm.constants import ExitReason
+
+
+class Recorder:
+    """A device that remembers writes and answers reads with base_value + offset."""
+
+    def __init__(self, base_value: int = 0x12345678):
+        self.base_value = base_value
+        self.writes: list[tuple[int, int, int]] = []
+        self.reads: list[tuple[int, int]] = []
+
+    def io_read(self, offset, size):
+        self.reads.append((offset, size))
+        return self.base_value + offset
+
+    def io_write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+
+
+def quiet_bus():
+    seen = []
+    return MmioBus(on_unassigned=lambda *a: seen.append(a)), seen
+
+
+def test_accesses_reach_the_owner_with_offsets():
+    bus, _ = quiet_bus()
+    a, b = Recorder(0x100), Recorder(0x200)
+    bus.register(0xFEB00000, 0x200, a, "a")
+    bus.register(0xFEB00200, 0x200, b, "b")
+    assert bus.read(0xFEB00004, 4) == 0x104
+    assert bus.read(0xFEB00208, 2) == 0x208
+    bus.write(0xFEB003FC, 4, 0xDEADBEEF)
+    bus.write(0xFEB00000, 8, 0x1122334455667788)
+    assert b.writes == [(0x1FC, 4, 0xDEADBEEF)]
+    assert a.writes == [(0, 8, 0x1122334455667788)]
+    assert bus.regions() == [(0xFEB00000, 0x200, "a"), (0xFEB00200, 0x200, "b")]
+
+
+def test_overlap_is_refused_and_names_both():
+    bus, _ = quiet_bus()
+    bus.register(0x1000, 0x100, Recorder(), "first")
+    with pytest.raises(MmioConflict, match="first"):
+        bus.register(0x10FF, 0x10, Recorder(), "second")
+    bus.register(0x1100, 0x10, Recorder(), "adjacent")  # touching is fine
+    with pytest.raises(ValueError):
+        bus.register(-1, 4, Recorder(), "negative")
+    with pytest.raises(ValueError):
+        bus.register((1 << 64) - 2, 4, Recorder(), "wraps")
+
+
+def test_unassigned_reads_all_ones_and_is_reported_once_per_page():
+    bus, seen = quiet_bus()
+    dev = Recorder()
+    bus.register(0x2000, 0x10, dev, "dev")
+    assert bus.read(0x5000, 4) == 0xFFFFFFFF
+    assert bus.read(0x5004, 8) == (1 << 64) - 1
+    bus.write(0x5008, 1, 7)
+    # Running off the end of a device is unassigned too, and the device never sees it.
+    assert bus.read(0x200E, 4) == 0xFFFFFFFF
+    assert dev.reads == []
+    assert seen == [(0x5000, 4, False), (0x200E, 4, False)]
+    with pytest.raises(ValueError):
+        bus.read(0x2000, 3)
+
+
+def test_handle_mmio_on_a_kvm_run_page():
+    import struct
+    bus, _ = quiet_bus()
+    dev = Recorder(0xA0B0C0D0)
+    bus.register(0xFEB00000, 0x200, dev, "dev")
+    page = bytearray(4096)
+    at = 32
+    struct.pack_into("=Q8sIB", page, at, 0xFEB00010, b"\0" * 8, 4, 0)
+    handle_mmio(bus, page, at)
+    assert int.from_bytes(page[at + 8:at + 12], "little") == 0xA0B0C0E0
+    struct.pack_into("=Q8sIB", page, at, 0xFEB00020, (0x55AA).to_bytes(8, "little"), 2, 1)
+    handle_mmio(bus, page, at)
+    assert dev.writes == [(0x20, 2, 0x55AA)]
+    # A length KVM never reports is not trusted: all ones, nothing dispatched.
+    struct.pack_into("=Q8sIB", page, at, 0xFEB00020, b"\0" * 8, 3, 0)
+    handle_mmio(bus, page, at)
+    assert page[at + 8:at + 16] == b"\xff" * 8 and len(dev.reads) == 1
+
+
+# A protected-mode guest: read 4 bytes at 0xfeb00000, add 1, store them at
+# +8; read 1 byte at +3, store it at +0xc; read unassigned 0xd0000000 and
+# store what came back at +0x10; then isa-debug-exit 0x10.
+MMIO_GUEST = bytes([
+    0xA1, 0x00, 0x00, 0xB0, 0xFE,        # mov eax, [0xfeb00000]
+    0x40,                                # inc eax
+    0xA3, 0x08, 0x00, 0xB0, 0xFE,        # mov [0xfeb00008], eax
+    0xA0, 0x03, 0x00, 0xB0, 0xFE,        # mov al, [0xfeb00003]
+    0xA2, 0x0C, 0x00, 0xB0, 0xFE,        # mov [0xfeb0000c], al
+    0xA1, 0x00, 0x00, 0x00, 0xD0,        # mov eax, [0xd0000000]
+    0xA3, 0x10, 0x00, 0xB0, 0xFE,        # mov [0xfeb00010], eax
+    0x66, 0xBA, 0xF4, 0x00,              # mov dx, 0xf4
+    0xB8, 0x10, 0x00, 0x00, 0x00,        # mov eax, 0x10
+    0xEF,                                # out dx, eax
+])
+
+
+def test_guest_mmio_exits_reach_the_device():
+    require_kvm()
+    from qkio.machine import Machine
+    logged = []
+    dev = Recorder(0x12345678)
+    with Machine(memory_mib=4, console=lambda d: None, log=logged.append) as machine:
+        machine.mmio_bus.register(0xFEB00000, 0x200, dev, "recorder")
+        machine.load_flat(MMIO_GUEST, mode="protected", address=0x100000)
+        assert machine.run(timeout=30) == 33
+        exits = machine.cpus[0].exit_counts
+    assert dev.reads == [(0, 4), (3, 1)]
+    assert dev.writes == [(8, 4, 0x12345679), (0xC, 1, 0x7B), (0x10, 4, 0xFFFFFFFF)]
+    assert exits[ExitReason.MMIO] == 6
+    assert logged == ["unassigned memory 0xd0000000 (read, 4 bytes) reads as all ones"]
