@@ -241,7 +241,7 @@ class SignalSource:
     """The VMM's signals, delivered to per-signal handlers in the io thread.
 
     ``SignalSource(method="signalfd"|"thread"|"async", signals=VMM_SIGNALS,
-    *, force_signalfd_failure=False, tracer=None)``
+    *, force_signalfd_failure=False, tracer=None, thread_name="qkio-sigwait")``
 
     ``method`` is what was asked for and ``path`` what is in use: a failing
     ``signalfd`` falls back to ``"thread"`` as ``qemu_signalfd`` does
@@ -255,7 +255,7 @@ class SignalSource:
 
     def __init__(self, method: str = "signalfd", signals: Iterable[int] = VMM_SIGNALS, *,
                  force_signalfd_failure: bool = False,
-                 tracer: trace.Tracer | None = None) -> None:
+                 tracer: trace.Tracer | None = None, thread_name: str = "qkio-sigwait") -> None:
         if method not in ("signalfd", "thread", "async"):
             raise ValueError(f"signal method must be signalfd, thread or async, not {method!r}")
         self.method = method
@@ -271,6 +271,9 @@ class SignalSource:
         self._closing = False
         self._loop = None
         self._lock = None  # the global lock, once attached (for "async" records)
+        # A second source (posix-aio-compat's, for SIGUSR2) names its thread
+        # differently, so the census of compat mode tells the two apart.
+        self.thread_name = thread_name
 
         if method == "async":
             self.path = "async"
@@ -294,7 +297,7 @@ class SignalSource:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)  # the io thread reads until EAGAIN
         self.read_fd, self._write_fd = r, w
-        self.thread = start_thread("qkio-sigwait", self._sigwait_loop, daemon=True)
+        self.thread = start_thread(self.thread_name, self._sigwait_loop, daemon=True)
 
     def _sigwait_loop(self) -> None:
         # sigwaitinfo only takes signals that are blocked; blocking them again
