@@ -59,18 +59,30 @@ def test_unknown_benchmark_is_an_error(capsys):
 
 
 def test_signal():
-    r = bench.benchmark("signal").run(count=30)
+    r = bench.benchmark("signal").run(count=30, rounds=1)
     json.dumps(r)
-    assert set(r["paths"]) == {"signalfd", "thread", "async"}
-    for method, p in r["paths"].items():
-        assert p["handled"] == p["sent"] == 30 + 50, method  # 50 warm-up signals
-        assert p["path"] == method
-        well_formed(p["latency_us"], 30)
-        assert p["cpu_us_per_signal"] > 0
-    # the signal thread is the only extra thread
-    assert r["paths"]["signalfd"]["threads"] == 1
-    assert r["paths"]["thread"]["threads"] == 2
-    assert all("samples_us" not in p for p in r["paths"].values())
+    assert set(r["paths"]) == set(r["c_reference"]) == set(r["ratios"]) == {"signalfd", "thread", "async"}
+    for impl in ("paths", "c_reference"):
+        for method, p in r[impl].items():
+            assert p["handled"] == p["sent"] == 30 + 50, (impl, method)  # 50 warm-up signals
+            assert p["path"] == method
+            well_formed(p["latency_us"], 30)
+            assert p["cpu_us_per_signal"] > 0
+        # the signal thread is the only extra thread, in Python as in C
+        assert r[impl]["signalfd"]["threads"] == r[impl]["async"]["threads"] == 1
+        assert r[impl]["thread"]["threads"] == 2
+        assert all("samples_us" not in p for p in r[impl].values())
+    for q in r["ratios"].values():
+        assert q["p50_over_c_p50"] > 0 and q["per_round"]["n"] == 1
+
+
+def test_signal_rounds_interleave_and_add_up():
+    r = bench.benchmark("signal").run(count=21, rounds=3)
+    for impl in ("paths", "c_reference"):
+        for p in r[impl].values():
+            well_formed(p["latency_us"], 21)
+            assert p["handled"] == p["sent"] == 21 + 3 * 50  # each round's child warms up
+    assert all(q["per_round"]["n"] == 3 for q in r["ratios"].values())
 
 
 def test_signal_and_wakeup_keep_samples_when_asked():
@@ -85,13 +97,18 @@ def test_signal_and_wakeup_keep_samples_when_asked():
 
 
 def test_wakeup():
-    r = bench.benchmark("wakeup").run(count=50)
+    r = bench.benchmark("wakeup").run(count=50, rounds=2)
     json.dumps(r)
     for kind in ("eventfd", "pipe"):
-        k = r["kinds"][kind]
-        well_formed(k["latency_us"], 50)
-        assert k["wakeups"] >= 50 + 50  # samples + warm-up, each acknowledged
-        assert k["over_5ms"] >= 0 and k["max_us"] == k["latency_us"]["max"]
+        for impl in ("kinds", "c_reference"):
+            k = r[impl][kind]
+            well_formed(k["latency_us"], 50)
+            assert k["wakeups"] >= 50 + 2 * 50  # samples + each round's warm-up, all acknowledged
+            assert k["over_5ms"] >= 0 and k["max_us"] == k["latency_us"]["max"]
+            assert k["io_cpu_us_per_wake"] > 0
+        assert r["ratios"][kind]["per_round"]["n"] == 2
+    t = r["targets"]["eventfd p50 / C p50"]
+    assert t["met"] == (t["value"] <= t["target"])
 
 
 def test_wait_with_few_fds_and_select_limit():

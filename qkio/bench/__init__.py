@@ -12,9 +12,10 @@ Each module's docstring says exactly how it measures.
 
 =============  ==========================================================
 ``signal``     kill() -> handler in the io thread: signalfd, signal thread
-               + pipe, asynchronous handler (latency, CPU per signal)
+               + pipe, asynchronous handler (latency, CPU per signal);
+               each path also in C (signal_ref.c), interleaved
 ``wakeup``     EventNotifier.notify() -> main_loop_wait returns: eventfd
-               vs pipe
+               vs pipe; each also between two C threads (wake_ref.c)
 ``wait``       select vs poll vs epoll with 1..1000 idle fds
 ``pio``        a port-I/O exit round trip: qkio vs C vs QEMU, interleaved
 ``ioeventfd``  a guest OUT through KVM_IOEVENTFD vs an exit to qkio

@@ -35,6 +35,20 @@ Results: per path, latency in µs (p50/p90/p99/max/IQR), CPU µs per signal,
 the child's thread count, and how many signals arrived (must be all); with
 ``samples=True`` also every counted latency, in sending order (``samples_us``),
 for plotting the whole distribution.
+
+The C reference
+---------------
+``signal_ref.c`` (compiled with ``gcc -O2`` on first use) is the same child
+in C: the same arguments and protocol, the VMM's signals blocked before any
+thread, a mutex dropped around the wait, and the same three paths
+(``signalfd``; a ``sigwaitinfo`` thread writing 128-byte records into a
+pipe; for ``async``, a handler that sets a flag and a ``pselect()`` that
+unblocks SIGUSR2 only while waiting).  The sender above is the same for
+both, so the difference is the VMM side: what the mechanism costs in C, and
+what Python adds.  qkio's child and the C child run **interleaved**, in
+``rounds`` chunks per path, so a change in the machine's load hits both;
+``c_reference`` has the C child's figures (same keys as ``paths``) and
+``ratios`` qkio p50 / C p50, over all samples and per round.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import subprocess
 import sys
 import time
 
+from .build import build_c
 from .stats import fmt_dist, summarize
 
 NAME = "signal"
@@ -55,7 +70,8 @@ TITLE = "a signal reaching its handler in the io thread"
 METHODS = ("signalfd", "thread", "async")
 METHOD = ("child process in its own session, signals blocked before threads, real MainLoop + "
           "SignalSource; kill(SIGUSR2) one at a time, ~100 µs apart; latency = handler's "
-          "CLOCK_MONOTONIC - sender's before kill(); CPU = child's process CPU time / signals")
+          "CLOCK_MONOTONIC - sender's before kill(); CPU = child's process CPU time / signals; "
+          "the same child in C (signal_ref.c), interleaved in rounds")
 
 
 class ChildFailed(RuntimeError):
@@ -77,12 +93,19 @@ def _read_exact(fd: int, n: int, timeout: float = 10.0) -> bytes:
 
 
 def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
-            samples: bool = False) -> dict:
+            samples: bool = False, impl: str = "qkio") -> dict:
     """Send ``warmup + count`` SIGUSR2s to a child using ``method``; return latencies and CPU.
 
+    ``impl="qkio"``: the child is :mod:`qkio.bench.signal_child`; ``"c"``: the
+    C reference ``signal_ref.c`` (same protocol, same sender).
     ``samples=True`` adds ``samples_us``: every counted latency, in sending order."""
-    cmd = [sys.executable, "-m", "qkio.bench.signal_child", "--method", method,
-           "--count", str(count), "--warmup", str(warmup)]
+    if impl == "c":
+        cmd = [str(build_c("signal_ref"))]
+    elif impl == "qkio":
+        cmd = [sys.executable, "-m", "qkio.bench.signal_child"]
+    else:
+        raise ValueError(f"impl must be 'qkio' or 'c', not {impl!r}")
+    cmd += ["--method", method, "--count", str(count), "--warmup", str(warmup)]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -129,14 +152,60 @@ def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
     return out
 
 
+def _merge(parts: list[dict], samples: bool) -> dict:
+    """One path's result from its interleaved chunks: all samples, CPU over all signals."""
+    lat = [x for p in parts for x in p["samples_us"]]
+    counted = len(lat)
+    out = {
+        "latency_us": summarize(lat),
+        "cpu_us_per_signal": round(sum(p["cpu_us_per_signal"] * len(p["samples_us"])
+                                       for p in parts) / counted, 2) if counted else None,
+        "user_us_per_signal": round(sum(p["user_us_per_signal"] * len(p["samples_us"])
+                                        for p in parts) / counted, 2) if counted else None,
+        "system_us_per_signal": round(sum(p["system_us_per_signal"] * len(p["samples_us"])
+                                          for p in parts) / counted, 2) if counted else None,
+        "sent": sum(p["sent"] for p in parts),
+        "handled": sum(p["handled"] for p in parts),
+        "path": parts[0]["path"],
+        "threads": max(p["threads"] for p in parts),
+    }
+    if samples:
+        out["samples_us"] = lat
+    return out
+
+
 def run(quick: bool = False, progress=None, count: int | None = None,
-        samples: bool = False) -> dict:
+        samples: bool = False, rounds: int | None = None, c_reference: bool = True) -> dict:
+    """Per path, ``rounds`` alternating chunks: qkio's child, then the C reference's.
+
+    ``paths[method]`` is qkio's (all chunks together), ``c_reference[method]``
+    the C child's, ``ratios[method]`` qkio p50 / C p50 (over all samples and
+    per round).  ``c_reference=False`` runs qkio's children only.
+    """
     count = count if count is not None else (1000 if quick else 10000)
-    result = {"method": METHOD, "signals_per_path": count, "paths": {}}
+    rounds = max(1, min(rounds or (2 if quick else 5), count))
+    result = {"method": METHOD, "signals_per_path": count, "rounds": rounds, "paths": {}}
+    if c_reference:
+        result["c_reference"] = {}
+        result["ratios"] = {}
+    impls = ("qkio", "c") if c_reference else ("qkio",)
     for method in METHODS:
-        if progress:
-            progress(f"{method}: {count} signals")
-        result["paths"][method] = measure(method, count, samples=samples)
+        chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
+        parts: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for i, n in enumerate(chunks):
+            for impl in impls:
+                if progress:
+                    progress(f"{method}: round {i + 1}/{rounds}, {n} signals to {impl}")
+                parts[impl].append(measure(method, n, samples=True, impl=impl))
+        result["paths"][method] = _merge(parts["qkio"], samples)
+        if c_reference:
+            result["c_reference"][method] = _merge(parts["c"], samples)
+            per_round = [q["latency_us"]["p50"] / c["latency_us"]["p50"]
+                         for q, c in zip(parts["qkio"], parts["c"])]
+            ratio = (result["paths"][method]["latency_us"]["p50"]
+                     / result["c_reference"][method]["latency_us"]["p50"])
+            result["ratios"][method] = {"p50_over_c_p50": round(ratio, 3),
+                                        "per_round": summarize(per_round)}
     return result
 
 
@@ -146,4 +215,12 @@ def table(result: dict) -> list[tuple[str, str]]:
         rows.append((f"{method} ({r['threads']} threads)",
                      f"{fmt_dist(r['latency_us'])}; CPU {r['cpu_us_per_signal']} µs/signal; "
                      f"{r['handled']}/{r['sent']} handled"))
+        c = result.get("c_reference", {}).get(method)
+        if c:
+            rows.append((f"{method} (C, {c['threads']} threads)",
+                         f"{fmt_dist(c['latency_us'])}; CPU {c['cpu_us_per_signal']} µs/signal; "
+                         f"{c['handled']}/{c['sent']} handled"))
+            q = result["ratios"][method]
+            rows.append((f"{method} qkio/C", f"{q['p50_over_c_p50']:.2f} at the median (per round "
+                                             f"{q['per_round']['min']:.2f}..{q['per_round']['max']:.2f})"))
     return rows
