@@ -41,7 +41,12 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.viewcode",
     "qkio_book",          # docs/_ext/qkio_book.py: no-KVM fallback notices
+    "qkio_drawing",       # docs/_ext/qkio_drawing.py: the drawing of qemu-kvm 0.12's process
 ]
+
+# Graphviz's dot (Debian: graphviz, scripts/setup-env) draws at build time;
+# SVG keeps the drawing's text sharp at any width and its boxes clickable.
+graphviz_output_format = "svg"
 
 root_doc = "docs/index"
 # Without include_patterns Sphinx would read README.md, the venv and the
