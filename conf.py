@@ -9,7 +9,7 @@ reference from the qkio package itself.
 
 Where /dev/kvm cannot create a VM, notebooks that declare
 ``qkio: {requires_kvm: true}`` are not executed: the book renders their
-committed golden copies (notebooks/NN-name.ipynb, see tests/conftest.py) and
+committed golden copies (notebooks/NN-name.ipynb, see conftest.py) and
 the build log says so.  See docs/_ext/qkio_book.py.
 """
 

@@ -76,28 +76,15 @@ __all__ = ["VmmProcess", "spawn_vmm", "demo_kernel", "load_trace", "slices", "in
 _RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                   signal.SIGALRM, signal.SIGIO, signal.SIGPIPE, signal.SIGXFSZ)
 
-_REPO = Path(__file__).resolve().parent.parent
 
 
 def demo_kernel(name: str) -> str:
-    """What to pass to ``--kernel`` for demo guest ``name`` (``"spin"``, ``"hello"``...).
-
-    The name itself when :mod:`qkio.guests` provides that guest (``qkio run``
-    builds it); otherwise, in a source checkout, the test kernel of the same
-    name from ``tests/kernels`` built into a cache directory.
-    """
-    from . import guests
-    if name in getattr(guests, "GUESTS", {}):
-        return name
-    build = _REPO / "tests" / "kernels" / "build.py"
-    if not build.exists():
-        raise LookupError(f"no demo guest {name!r} in qkio.guests, and no tests/kernels to build it from")
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_qkio_test_kernels", build)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qkio" / "kernels"
-    return str(module.build_kernel(name, cache))
+    """What to pass to ``--kernel`` for guest ``name`` (``"spin"``, ``"hello"``...):
+    the name itself, which ``qkio run`` builds from :mod:`qkio.guests`."""
+    from .guests import GUESTS
+    if name not in GUESTS:
+        raise LookupError(f"no guest {name!r} in qkio.guests; there are {', '.join(GUESTS)}")
+    return name
 
 
 # --- a VMM in a child process ----------------------------------------------------------

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from helpers.vmm import require_kvm, run_qkio
+
 from qkio import bench
 from qkio.bench import stats
 from qkio.kvm.system import probe
@@ -169,9 +171,12 @@ def test_serial_gets_every_byte():
     assert r["bytes_per_s"]["qkio"]["p50"] > 0
 
 
-def test_serial_expected_output():
-    out = bench.benchmark("serial").expected_output(30)
-    assert out == b"abcdefghijklmnopqrstuvwxyz\nabc"
+def test_serial_expected_output_is_what_the_flood_guest_prints():
+    require_kvm()
+    expected = bench.benchmark("serial").expected_output(130)
+    assert expected[:3] == b"abc" and expected[63:64] == b"\n" and len(expected) == 130
+    result = run_qkio("--kernel", "flood", "--append", "count=130")
+    assert (result.returncode, result.stdout) == (33, expected), result.stderr
 
 
 def test_cli_writes_json(tmp_path):

@@ -1,5 +1,6 @@
-"""The real test kernels in tests/kernels: they build, qkio can load them, and
-QEMU -- the reference qkio must match -- runs them as expected.
+"""qkio's guests (qkio/guests) as kernels: qkio's loader places them as the ELF
+says, and QEMU -- the reference qkio must match -- runs them as expected.
+(That they build, are cached and are Multiboot ELF32 files is tests/test_guests.py.)
 
 No KVM run happens through qkio here; that belongs to the VM's own tests.
 The QEMU tests are the other half of the contract: they show what a guest
@@ -7,7 +8,7 @@ sees under ``qemu-system-x86_64 -kernel``, and pin the loader's choices to
 it.  What QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18) printed on this
 project's machine:
 
-* ``hello``:   ``Hello from a Multiboot kernel``, exit status 33.
+* ``hello``:   ``Hello from qkio's guest``, exit status 33.
 * ``cmdline`` (at ``/img/cmdline.elf``; any path) without ``-append``: ``cmdline='/img/cmdline.elf '`` -- the
   kernel's path and a space, even when nothing is appended.
 * ``cmdline -append "a b"``: ``cmdline='/img/cmdline.elf a b'``.
@@ -35,24 +36,23 @@ import re
 import shutil
 import struct
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
 from qkio.boot import multiboot as mb
-from qkio.boot.elf import EM_386, parse_elf
+from qkio import guests
+from qkio.boot.elf import parse_elf
 from qkio.kvm.memory import GuestMemory
-from kernels import build
 
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_TIMEOUT = 120  # seconds; SeaBIOS plus a tiny kernel take about 3 s here
-HELLO = "Hello from a Multiboot kernel\n"
+HELLO = "Hello from qkio's guest\n"
 
 needs_toolchain = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
-                                     reason="GNU as and ld are needed to build the test kernels")
+                                     reason="GNU as and ld are needed to build the guests")
 
 
 def _qemu_unusable_reason() -> str | None:
@@ -67,42 +67,14 @@ needs_qemu = pytest.mark.skipif(_qemu_unusable_reason() is not None, reason=_qem
 
 
 @pytest.fixture(scope="session")
-def kernel_dir():
-    # Shared between runs: build_kernel names files by source hash.
-    return Path(os.environ.get("QKIO_KERNEL_CACHE", Path(tempfile.gettempdir()) / "qkio-test-kernels"))
-
-
-@pytest.fixture(scope="session")
-def kernels(kernel_dir):
+def kernels():
     if not (shutil.which("as") and shutil.which("ld")):
-        pytest.skip("GNU as and ld are needed to build the test kernels")
-    return {name: build.build_kernel(name, kernel_dir) for name in build.KERNELS}
+        pytest.skip("GNU as and ld are needed to build the guests")
+    return {name: guests.build_guest(name) for name in guests.GUESTS}
 
 
 @needs_toolchain
-def test_build_is_cached(kernel_dir, kernels):
-    path = kernels["hello"]
-    mtime = path.stat().st_mtime_ns
-    assert build.build_kernel("hello", kernel_dir) == path
-    assert path.stat().st_mtime_ns == mtime
-    with pytest.raises(ValueError, match="unknown test kernel"):
-        build.build_kernel("nonesuch", kernel_dir)
-
-
-@needs_toolchain
-@pytest.mark.parametrize("name", build.KERNELS)
-def test_kernel_is_a_multiboot_elf32(kernels, name):
-    image = kernels[name].read_bytes()
-    assert mb.is_multiboot(image)
-    header = mb.find_header(image)
-    assert header.offset < 8192 and not header.has_addresses
-    parsed = parse_elf(image)
-    assert (parsed.elf_class, parsed.machine) == (32, EM_386)
-    assert all(ph.paddr >= 0x100000 for ph in parsed.load_segments)
-
-
-@needs_toolchain
-@pytest.mark.parametrize("name", build.KERNELS)
+@pytest.mark.parametrize("name", sorted(guests.GUESTS))
 def test_kernel_loads(kernels, name):
     image = kernels[name].read_bytes()
     parsed = parse_elf(image)

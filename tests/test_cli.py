@@ -1,5 +1,5 @@
 """``qkio run`` as a user runs it: a child process (``python -m qkio run``, in
-its own session), each tests/kernels kernel, and what comes out -- stdout,
+its own session), each test guest, and what comes out -- stdout,
 stderr, the exit status.
 
 The contract, from the run parser's epilog: status (V << 1) | 1 when the
@@ -32,7 +32,7 @@ def _no_traceback(result):
 
 def test_hello():
     result = run_qkio("--kernel", str(test_kernel("hello")))
-    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from a Multiboot kernel\n", b"")
+    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from qkio's guest\n", b"")
 
 
 @pytest.mark.parametrize("append", ["a b", "", "console=ttyS0 x='1 2'"])
@@ -160,7 +160,7 @@ def test_trace_file_is_valid_trace_event_json(tmp_path):
 @pytest.mark.parametrize("exit_path", ["native", "python"])
 def test_either_exit_path_runs_the_guest_the_same(exit_path):
     result = run_qkio("--kernel", str(test_kernel("hello")), "--exit-path", exit_path)
-    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from a Multiboot kernel\n", b"")
+    assert (result.returncode, result.stdout, result.stderr) == (33, b"Hello from qkio's guest\n", b"")
 
 
 def test_without_the_native_loop_a_run_says_so_or_refuses():

@@ -34,7 +34,8 @@ ECHO_BANNER = b"echo-irq: type; q quits\n"
 
 def test_every_guest_has_a_source_and_a_description():
     sources = {p.stem for p in guests.GUEST_DIR.glob("*.s")}
-    assert sources == set(guests.GUESTS) == {"hello", "echo-irq", "flood", "pio-loop", "smp", "spin"}
+    assert sources == set(guests.GUESTS) == {"hello", "echo-irq", "flood", "pio-loop", "smp", "spin",
+                                                 "cmdline", "echo", "mbinfo", "triple", "unassigned"}
     for name, line in guests.GUESTS.items():
         assert line and "\n" not in line, name
 
@@ -68,12 +69,15 @@ def test_build_is_cached_by_source_hash(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.name, second.name])  # no scratch left
 
 
-def test_cache_is_under_xdg_cache_home(tmp_path, monkeypatch):
+def test_cache_is_qkio_cache_else_under_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("QKIO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert guests.cache_dir() == tmp_path / "qkio" / "guests"
+    assert guests.cache_dir() == tmp_path / "qkio"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert guests.cache_dir() == tmp_path / "home" / ".cache" / "qkio" / "guests"
+    assert guests.cache_dir() == tmp_path / "home" / ".cache" / "qkio"
+    monkeypatch.setenv("QKIO_CACHE", str(tmp_path / "elsewhere"))
+    assert guests.cache_dir() == tmp_path / "elsewhere"
 
 
 def test_cached_guest_needs_no_binutils(tmp_path, monkeypatch):
@@ -98,18 +102,18 @@ def test_assembler_error_is_a_qkio_error_with_the_tools_message(tmp_path):
 
 def test_missing_assembler_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    with pytest.raises(QkioError, match=r"needs GNU as and ld \(binutils"):
+    with pytest.raises(QkioError, match=r"needs as and ld \(binutils"):
         guests.build_guest("hello", cache=tmp_path / "cache")
 
 
 def test_missing_assembler_through_the_cli(tmp_path):
     require_kvm()
-    env = {**os.environ, "PATH": str(tmp_path / "empty"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), "QKIO_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "qkio", "run", "--kernel", "hello"],
                             capture_output=True, text=True, env=env, timeout=60,
                             start_new_session=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "needs GNU as and ld" in result.stderr
+    assert result.stderr.count("\n") == 1 and "needs as and ld" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -35,7 +35,7 @@ def test_guest_exit_status_and_output():
     with machine:
         machine.load_multiboot(test_kernel("hello"))
         assert machine.run(timeout=30) == 33
-    assert out == b"Hello from a Multiboot kernel\n"
+    assert out == b"Hello from qkio's guest\n"
     assert "isa-debug-exit" in machine.exit_message
 
 

@@ -1,4 +1,4 @@
-"""Shared by conf.py and tests/conftest.py: is /dev/kvm usable, and which
+"""Shared by conf.py and the root conftest.py: is /dev/kvm usable, and which
 notebooks need it.
 
 Both the book build and the test suite must agree on one question -- can this
@@ -93,31 +93,6 @@ def requires_kvm(md_path: str | os.PathLike) -> bool:
 def golden_path(md_path: str | os.PathLike) -> Path:
     """Where the golden (executed) copy of a notebook lives: beside it, as .ipynb."""
     return Path(md_path).with_suffix(".ipynb")
-
-
-# -- pytest: make the notebook collector global --------------------------------
-#
-# The collector for notebooks/*.md lives in tests/conftest.py.  But pytest only
-# loads that file when it collects something under tests/, so
-# `pytest notebooks/01-hello.md` would answer "not found".  pyproject.toml
-# therefore loads this module as a plugin (`-p qkio_book`, with docs/_ext on
-# `pythonpath`), and this hook registers the collector from tests/conftest.py
-# once, whatever the command line.  Only the collector object is registered,
-# not the conftest module, so conftest fixtures are never registered twice.
-
-BOOK_PLUGIN_NAME = "qkio-book-notebooks"
-
-
-def pytest_configure(config):
-    if config.pluginmanager.has_plugin(BOOK_PLUGIN_NAME):
-        return
-    import importlib.util
-
-    conftest = Path(__file__).resolve().parents[2] / "tests" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_qkio_book_tests_conftest", conftest)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config.pluginmanager.register(module.BookNotebooks(), BOOK_PLUGIN_NAME)
 
 
 # -- Sphinx: say what the no-KVM fallback did ------------------------------------

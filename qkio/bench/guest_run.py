@@ -26,11 +26,11 @@ import time
 
 from .build import build_c
 
-BENCH_PORT = 0x80   # guests/pio.s writes here
+BENCH_PORT = 0x80   # qkio/guests/pio-loop.s writes here
 QEMU = "qemu-system-x86_64"
 QEMU_ARGS = ("-accel", "kvm", "-M", "pc", "-nodefaults", "-display", "none",
              "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
-GUEST_EXIT_STATUS = 1  # the guests write 0 to isa-debug-exit: (0 << 1) | 1
+GUEST_EXIT_STATUS = 33  # the guests write 0x10 to isa-debug-exit: (0x10 << 1) | 1
 
 
 class NullDevice:

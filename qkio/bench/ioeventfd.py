@@ -2,7 +2,7 @@
 
 Method
 ------
-The ``pio`` guest (N one-byte OUTs to port 0x80, then isa-debug-exit) runs
+The ``pio-loop`` guest (N one-byte OUTs to port 0x80, then isa-debug-exit) runs
 in a qkio ``Machine`` twice per round:
 
 * **exit**: port 0x80 is a null device on qkio's port bus, so every OUT is
@@ -30,7 +30,7 @@ from .stats import median, summarize
 
 NAME = "ioeventfd"
 TITLE = "guest OUT via KVM_IOEVENTFD vs a userspace exit"
-METHOD = ("pio guest, N OUTs to port 0x80; 'exit' = qkio handles each KVM_EXIT_IO; "
+METHOD = ("pio-loop guest, N OUTs to port 0x80; 'exit' = qkio handles each KVM_EXIT_IO; "
           "'ioeventfd' = KVM_IOEVENTFD on 0x80 (counter checked = N); per write = "
           "(T(N) - T(small)) / (N - small), alternated per round; same for the C reference")
 
@@ -54,7 +54,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
     n = n or (20_000 if quick else 200_000)
     small = small or (1_000 if quick else 2_000)
     rounds = rounds or (3 if quick else 5)
-    elf = build_guest("pio")
+    elf = build_guest("pio-loop")
     variants = {
         "qkio exit": lambda k: run_qkio(elf, k),
         "qkio ioeventfd": lambda k: run_qkio(elf, k, setup=_with_ioeventfd),

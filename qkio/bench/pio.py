@@ -2,9 +2,9 @@
 
 Method
 ------
-One guest (``guests/pio.s``, a Multiboot ELF): read ``count=N`` from the
-command line, do N one-byte ``out %al, %dx`` to port 0x80 in a three-
-instruction loop, then write 0 to isa-debug-exit (0xf4).  Each OUT is one
+One guest (``pio-loop``, from :mod:`qkio.guests`, a Multiboot ELF): read
+``count=N`` from the command line, do N one-byte ``out %al, %dx`` to port
+0x80 in a four-instruction loop, then write 0x10 to isa-debug-exit (0xf4).  Each OUT is one
 ``KVM_EXIT_IO``: the guest exits, ``KVM_RUN`` returns to the VMM, the VMM
 handles the access and calls ``KVM_RUN`` again.
 
@@ -83,7 +83,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
     small = small or (1_000 if quick else 2_000)
     rounds = rounds or (3 if quick else 9)
     qemu = have_qemu() if qemu is None else qemu
-    elf = build_guest("pio")
+    elf = build_guest("pio-loop")
     paths = set()
     runners = {"qkio": lambda e, k: _checked_qkio(e, k, seen=paths),
                "qkio-python": lambda e, k: _checked_qkio(e, k, exit_path="python"),

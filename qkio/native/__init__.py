@@ -9,7 +9,7 @@ the main loop, signals and every other exit stay in Python.
 
 Like the guests, the module is kept as source and compiled with the machine's
 ``gcc`` against the running interpreter's headers on first use, then cached in
-``$XDG_CACHE_HOME/qkio/native`` under a name that carries a hash of the
+qkio's cache (:mod:`qkio.build`) under a name that carries a hash of the
 source, the compiler's version and the interpreter's ABI -- so it is rebuilt
 exactly when one of those changes, and two processes building at once never
 see half a file (each builds under a temporary name and renames).
@@ -23,17 +23,16 @@ a note when it falls back, and ``qkio bench pio`` reports which loop ran.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 from pathlib import Path
+
+from ..build import BuildError, cached_build, find_tools, run_tool
 
 SOURCE = Path(__file__).resolve().parent / "cpu_exec.c"
 MODULE = "_cpu_exec"
@@ -47,43 +46,24 @@ _tried = False
 _guard = threading.Lock()
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "qkio" / "native"
-
-
-def _gcc_version(gcc: str) -> bytes:
-    return subprocess.run([gcc, "--version"], capture_output=True, check=True).stdout.split(b"\n")[0]
-
-
 def build(out_dir: Path | None = None) -> Path:
     """Compile ``cpu_exec.c`` if no cached build matches; return the extension's path.
 
-    Raises RuntimeError with the cause (missing tool or header, compiler output)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise RuntimeError("gcc not found (Debian: apt-get install gcc)")
+    Raises :class:`qkio.build.BuildError` with the cause (missing tool or header,
+    compiler output)."""
+    what = "the native exit loop (qkio/native/cpu_exec.c)"
+    (gcc,) = find_tools(("gcc",), what, "gcc")
     include = sysconfig.get_paths()["include"]
     if not os.path.exists(os.path.join(include, "Python.h")):
-        raise RuntimeError(f"Python.h not found in {include} (Debian: apt-get install python3-dev)")
+        raise BuildError(f"Python.h not found in {include} (Debian: apt-get install python3-dev)")
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), _gcc_version(gcc), " ".join(CFLAGS).encode(),
-                 include.encode(), suffix.encode(), sys.version.encode()):
-        digest.update(part + b"\0")
-    out_dir = out_dir or cache_dir()
-    target = out_dir / f"{MODULE}-{digest.hexdigest()[:16]}{suffix}"
-    if target.exists():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as scratch:
-        tmp = Path(scratch) / f"{MODULE}{suffix}"
-        r = subprocess.run([gcc, *CFLAGS, f"-I{include}", "-o", str(tmp), str(SOURCE)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"gcc failed on {SOURCE.name}:\n{r.stderr.strip()}")
-        os.replace(tmp, target)
-    return target
+    gcc_version = subprocess.run([gcc, "--version"], capture_output=True).stdout.split(b"\n")[0]
+
+    def recipe(output: Path, scratch: Path) -> None:
+        run_tool([gcc, *CFLAGS, f"-I{include}", "-o", str(output), str(SOURCE)], what)
+
+    return cached_build(MODULE, suffix, [SOURCE], recipe, what=what, cache=out_dir,
+                        key=[gcc_version, " ".join(CFLAGS), include, suffix, sys.version])
 
 
 def load():
@@ -103,7 +83,7 @@ def load():
             module = importlib.util.module_from_spec(spec)
             loader.exec_module(module)
         except Exception as exc:  # any cause: fall back to Python, and say why
-            unavailable_reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RuntimeError) else str(exc)
+            unavailable_reason = str(exc) if isinstance(exc, BuildError) else f"{type(exc).__name__}: {exc}"
             return None
         _loaded = module
         return module

@@ -68,23 +68,16 @@ def require_binutils() -> None:
 
 # --- guests -----------------------------------------------------------------------
 
-def test_kernel(name: str) -> Path:
-    """The ELF of tests/kernels/<name>.s, built once and shared (by source hash)
-    with tests/test_boot_kernels.py's cache."""
-    require_binutils()
-    cache = Path(os.environ.get("QKIO_KERNEL_CACHE", Path(tempfile.gettempdir()) / "qkio-test-kernels"))
-    from kernels.build import build_kernel
-    return build_kernel(name, cache)
-
-
-test_kernel.__test__ = False  # a helper, not a test, despite the name
-
-
 def demo_guest(name: str) -> Path:
-    """One of qkio's own guests (qkio/guests), from the user's cache."""
+    """The ELF of guest ``name`` from qkio's one guest tree (qkio/guests), from qkio's cache."""
     require_binutils()
     from qkio.guests import build_guest
     return build_guest(name)
+
+
+#: The tests' older name for :func:`demo_guest`: there is one guest tree.
+test_kernel = demo_guest
+test_kernel.__test__ = False  # a helper, not a test, despite the name
 
 
 # --- child processes ----------------------------------------------------------------

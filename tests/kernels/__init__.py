@@ -1,1 +1,4 @@
-"""Multiboot test kernels written apart from qkio, and the code that builds them."""
+"""Multiboot kernels made from bytes (synthetic.py), for tests that need no toolchain.
+
+The kernels that run are qkio's guests, in qkio/guests (one guest tree).
+"""

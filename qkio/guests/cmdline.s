@@ -3,12 +3,7 @@
 # This is how the test suite learns QEMU's exact format.
 
         .include "multiboot.inc"
-        .include "serial.inc"
-
-        .set MB_INFO_MAGIC,   0x2BADB002
-        .set MBI_FLAGS,       0
-        .set MBI_CMDLINE,     16
-        .set MBI_HAS_CMDLINE, 1 << 2
+        .include "uart.inc"
 
         .globl _start
 _start:
@@ -24,20 +19,20 @@ _start:
         call    puts
         mov     $suffix, %esi
         call    puts
-        mov     $0x10, %eax
-        jmp     debug_exit
+        mov     $EXIT_DONE, %eax
+        jmp     exit_vmm
 
 not_multiboot:
         mov     $bad_magic, %esi
         call    puts
         mov     $0x11, %eax
-        jmp     debug_exit
+        jmp     exit_vmm
 
 no_cmdline:
         mov     $missing, %esi
         call    puts
         mov     $0x12, %eax
-        jmp     debug_exit
+        jmp     exit_vmm
 
         .section .rodata
 prefix:    .asciz "cmdline='"

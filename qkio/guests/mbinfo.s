@@ -3,7 +3,7 @@
 # it under QEMU to learn exactly what QEMU hands a kernel.
 
         .include "multiboot.inc"
-        .include "serial.inc"
+        .include "uart.inc"
 
         .globl _start
 _start:
@@ -96,8 +96,8 @@ _start:
         call    puts
         mov     $s_endquote, %esi
         call    puts
-        mov     $0x10, %eax
-        jmp     debug_exit
+        mov     $EXIT_DONE, %eax
+        jmp     exit_vmm
 
 newline:
         push    %eax

@@ -4,7 +4,7 @@
 # print "00".
 
         .include "multiboot.inc"
-        .include "serial.inc"
+        .include "uart.inc"
 
         .set NOBODY_HOME, 0x1234
 
@@ -16,5 +16,5 @@ _start:
         call    puthex8
         mov     $'\n', %al
         call    putc
-        mov     $0x10, %eax
-        jmp     debug_exit
+        mov     $EXIT_DONE, %eax
+        jmp     exit_vmm

@@ -36,13 +36,11 @@ is skipped, with the reason (missing device, no permission, KVM_CREATE_VM
 refused...), on a machine where /dev/kvm cannot create a VM.  Its
 ``golden-is-current`` item still runs: it needs no KVM.
 
-Why the collector is a plugin object registered from ``pytest_configure``
-rather than plain conftest hooks: hooks in a ``conftest.py`` only see files
-below the conftest's own directory, and the notebooks live in ``notebooks/``,
-a sibling of ``tests/``.  A registered plugin object is global.  For
-``pytest notebooks/x.md``, where pytest never loads this file by itself,
-``docs/_ext/qkio_book.py`` (loaded with ``-p qkio_book`` from pyproject.toml)
-registers the same ``BookNotebooks`` object.
+Why this file is at the root of the repository: hooks in a ``conftest.py``
+see only the files below its own directory, and the chapters (``notebooks/``)
+and the tests (``tests/``) are siblings.  From the root it applies to both,
+and pytest loads it for ``pytest notebooks/01-hello.md`` as for ``pytest
+tests/``, with no plugin to register by hand.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 
@@ -170,32 +168,24 @@ if IPyNbFile is not None:
                 cell_num += 1
 
 
-class BookNotebooks:
-    """Global plugin (see module docstring for why it is not plain conftest hooks)."""
+def _is_book_notebook(path: Path) -> bool:
+    return path.suffix == ".md" and path.parent.name == "notebooks" and path.name[:1].isdigit()
 
-    @staticmethod
-    def _is_book_notebook(path: Path) -> bool:
-        return path.suffix == ".md" and path.parent.name == "notebooks" and path.name[:1].isdigit()
 
-    def pytest_ignore_collect(self, collection_path: Path, config):
-        # Goldens are compared through their .md, never collected on their own;
-        # nbval would otherwise run each of them a second time.
-        if collection_path.suffix == ".ipynb" and collection_path.with_suffix(".md").exists():
-            return True
-        if collection_path.name == ".ipynb_checkpoints":
-            return True
+def pytest_ignore_collect(collection_path: Path, config):
+    # Goldens are compared through their .md, never collected on their own;
+    # nbval would otherwise run each of them a second time.
+    if collection_path.suffix == ".ipynb" and collection_path.with_suffix(".md").exists():
+        return True
+    if collection_path.name == ".ipynb_checkpoints":
+        return True
+    return None
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if IPyNbFile is None or not _is_book_notebook(file_path):
         return None
-
-    def pytest_collect_file(self, file_path: Path, parent):
-        if IPyNbFile is None or not self._is_book_notebook(file_path):
-            return None
-        opt = parent.config.option
-        if not (opt.nbval or opt.nbval_lax):
-            return None
-        return MystNotebook.from_parent(parent, path=file_path)
-
-
-def pytest_configure(config):
-    # Normally docs/_ext/qkio_book.py has registered it already (-p qkio_book).
-    if not config.pluginmanager.has_plugin(qkio_book.BOOK_PLUGIN_NAME):
-        config.pluginmanager.register(BookNotebooks(), qkio_book.BOOK_PLUGIN_NAME)
+    opt = parent.config.option
+    if not (opt.nbval or opt.nbval_lax):
+        return None
+    return MystNotebook.from_parent(parent, path=file_path)

@@ -2,7 +2,7 @@
 # After echoing a 'q' it exits with value 0 (QEMU status 1).
 
         .include "multiboot.inc"
-        .include "serial.inc"
+        .include "uart.inc"
 
         .globl _start
 _start:
@@ -18,4 +18,4 @@ next_byte:
         cmp     $'q', %al
         jne     next_byte
         xor     %eax, %eax
-        jmp     debug_exit
+        jmp     exit_vmm
