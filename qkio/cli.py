@@ -1,7 +1,8 @@
 """``qkio``: the command line, in the spirit of ``qemu-system-x86_64``.
 
 ``qkio run --kernel FILE [--append ARGS] [--initrd FILES] [--smp N]
-[--memory MiB] [--timeout S] [--signals ...] [--notify ...] [--trace FILE]``
+[--memory MiB] [--timeout S] [--signals ...] [--notify ...] [--drive file=IMG]
+[--virtio-notify vcpu|main|iothread] [--trace FILE]``
 
 The order of the first steps of :func:`run_main` is the point of the whole
 design, so it is spelled out there: signals are blocked before any thread
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exit-path", choices=("native", "python"), default=None,
                      help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
                           "loop (default: native when it can be built, else python, with a note)")
+    run.add_argument("--drive", action="append", default=[], metavar="file=IMG[,readonly=on][,serial=S]",
+                     help="a raw disk image as a virtio-blk device on virtio-mmio, placed as QEMU's microvm "
+                          "places them (first at 0xfeb00e00, IRQ 12); may be repeated")
+    run.add_argument("--virtio-notify", default="vcpu", metavar="MODE",
+                     help="who takes a virtio queue notify: vcpu (an MMIO exit in the vCPU thread), main "
+                          "(KVM_IOEVENTFD, the io thread under the global lock) or iothread (KVM_IOEVENTFD "
+                          "and KVM_IRQFD in an IOThread that never takes the lock); QEMU-like spellings "
+                          "ioeventfd=off, ioeventfd=on, iothread=io0 mean the same (default vcpu)")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file")
     bench = sub.add_parser("bench", help="run the benchmarks")
     bench.add_argument("names", nargs="*")
@@ -111,9 +120,14 @@ def run_main(args) -> int:
         else:
             return _error(f"no such kernel file {kernel!r} (demo guests: {', '.join(guests.GUESTS)})")
     try:
+        from .virtio.blk import parse_drive_option
+        from .virtio.board import parse_notify_mode
+        drives = [parse_drive_option(text) for text in args.drive]
+        virtio_notify = parse_notify_mode(args.virtio_notify)
         machine = Machine(memory_mib=args.memory, smp=args.smp, signals=args.signals,
                           notify=args.notify, backend=args.backend, kick=args.kick,
-                          exit_path=args.exit_path, tracer=tracer)
+                          exit_path=args.exit_path, tracer=tracer, drives=drives,
+                          virtio_notify=virtio_notify)
     except (QkioError, ValueError) as e:
         return _error(str(e))
     if args.exit_path is None and machine.cpus[0].exit_path == "python":

@@ -72,7 +72,8 @@ class Machine:
     def __init__(self, *, memory_mib: int = 32, smp: int = 1, signals: str | None = None,
                  notify: str = "eventfd", backend: str = "select", kick: str = "immediate_exit",
                  exit_path: str | None = None, console=None, tracer: _trace.Tracer | None = None,
-                 force_signalfd_failure: bool = False, log=None):
+                 force_signalfd_failure: bool = False, log=None,
+                 drives: list[tuple[str, bool]] | None = None, virtio_notify: str = "vcpu"):
         if not 1 <= smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {smp}")
         if not 1 <= memory_mib <= 3072:
@@ -83,11 +84,15 @@ class Machine:
         self.exit_message = ""
         self.cpus: list[CpuThread] = []
         self.kvm = self.vm = self.memory = self.loop = self.signal_source = None
+        self.virtio = None
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
         try:
             self._build(memory_mib, smp, signals, notify, backend, kick, exit_path, console,
                         force_signalfd_failure)
+            if drives:
+                from .virtio.board import VirtioBoard
+                self.virtio = VirtioBoard(self, drives, notify=virtio_notify)
         except BaseException:
             self.close()
             raise
@@ -165,6 +170,8 @@ class Machine:
                 modules.append((Path(name).read_bytes(), item))
             except OSError as e:
                 raise BadKernel(f"cannot read module {name}: {e.strerror}") from None
+        if self.virtio is not None:
+            append += self.virtio.cmdline()  # as QEMU's microvm_fix_kernel_cmdline
         boot = load_multiboot(image, self.memory, kernel_path=path, append=append,
                               modules=modules, ram_size=self.ram_size)
         apply_cpu_state(self.cpus[0].vcpu, boot.cpu_state)
@@ -335,6 +342,9 @@ class Machine:
         if self.signal_source is not None:
             self.signal_source.close()
             self.signal_source = None
+        if self.virtio is not None:  # its eventfds are registered with the VM: before the VM goes
+            self.virtio.close()
+            self.virtio = None
         for cpu in self.cpus:
             cpu.vcpu.close()
         self.cpus = []

@@ -43,6 +43,13 @@ class GuestMemory:
         self._check(gpa, len(data))
         self._map[gpa:gpa + len(data)] = data
 
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable window on ``length`` bytes at ``gpa``, for ``preadv``/``pwritev`` straight
+        into or out of guest RAM (a virtio-blk request, with no copy).  Release it
+        (``view.release()``) before :meth:`close`."""
+        self._check(gpa, length)
+        return memoryview(self._map)[gpa:gpa + length]
+
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         """Set ``length`` bytes from ``gpa`` to ``byte`` (zeroing a BSS, say)."""
         self._check(gpa, length)
