@@ -331,27 +331,12 @@ request:
 # puthex: %eax as 0x and eight hex digits.  Preserves every register.
 puthex:
         push    %eax
-        push    %ecx
-        push    %edx
-        mov     %eax, %edx
         mov     $'0', %al
         call    putc
         mov     $'x', %al
         call    putc
-        mov     $8, %ecx
-1:      rol     $4, %edx
-        mov     %dl, %al
-        and     $0xf, %al
-        add     $'0', %al
-        cmp     $'9', %al
-        jbe     2f
-        add     $'a'-'9'-1, %al
-2:      call    putc
-        loop    1b
-        pop     %edx
-        pop     %ecx
         pop     %eax
-        ret
+        jmp     puthex32
 
 newline:
         push    %eax
