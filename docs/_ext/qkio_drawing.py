@@ -63,7 +63,7 @@ PARTS = [
          "io_thread_wakeup L2059, posix-aio-compat.c posix_aio_read L473", cluster="io"),
     Part("vcpu", "vCPU threads", "one per vCPU: ioctl(KVM_RUN)\nwith the lock dropped",
          (1, 2, 3), "qemu-kvm.c ap_main_loop L1899, kvm_main_loop_cpu L1880, "
-         "pre_kvm_run unlocks qemu_mutex L868, post_kvm_run relocks L854"),
+         "pre_kvm_run unlocks qemu_mutex L868, post_kvm_run relocks L854", cluster="vcpu"),
     Part("lock", "qemu_mutex", "the global lock",
          (3, 4), "qemu-kvm.c L62 (pthread_mutex_t); dropped by kvm_mutex_unlock L2512-2522 "
          "around select() and by pre_kvm_run around KVM_RUN", shape="hexagon"),
@@ -85,7 +85,8 @@ PARTS = [
          "qemu-kvm.c sigbus_handler L1472", shape="note"),
     Part("aio", "AIO workers", "up to 64 aio_threads:\n"
          "blocking pread/pwrite",
-         (7, 9), "posix-aio-compat.c aio_thread L304-366, spawn_thread L368-382, max_threads L66"),
+         (7, 9), "posix-aio-compat.c aio_thread L304-366, spawn_thread L368-382, max_threads L66",
+         cluster="aio"),
     Part("aiosigfd", "AIO signal pipe", "signalfd for SIGUSR2\n(paio_init)",
          (7, 8), "posix-aio-compat.c paio_init L611-651 (qemu_signalfd at L628, "
          "handler posix_aio_read at L636)", shape="cylinder"),
@@ -135,6 +136,10 @@ CHAPTERS = {
 CLUSTERS = {
     "io": "io thread (the main thread)",
     "compat": "compat mode (no signalfd)",
+    # Boxes of their own; as (invisible) clusters they keep dot's layout
+    # narrow enough for the text column.
+    "vcpu": "",
+    "aio": "",
 }
 
 STRONG, FAINT = "#1f5fa8", "#b8b8b8"
@@ -181,7 +186,10 @@ def dot(chapter: int | None = None, base: str = "") -> str:
             out += [node(p) for p in parts]
             continue
         out.append(f"  subgraph cluster_{name} {{")
-        out.append(f'    label="{CLUSTERS[name]}"; labeljust=l; style="rounded,dashed"; color="#666666";')
+        if CLUSTERS[name]:
+            out.append(f'    label="{CLUSTERS[name]}"; labeljust=l; style="rounded,dashed"; color="#666666";')
+        else:
+            out.append('    label=""; style=invis;')
         out += ["  " + node(p) for p in parts]
         out.append("  }")
     # The three fds in a row above the io thread that waits on them.
