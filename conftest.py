@@ -32,9 +32,15 @@ A notebook whose front matter says::
     qkio:
       requires_kvm: true
 
-is skipped, with the reason (missing device, no permission, KVM_CREATE_VM
-refused...), on a machine where /dev/kvm cannot create a VM.  Its
-``golden-is-current`` item still runs: it needs no KVM.
+has the ``kvm`` marker on every cell item, so it is skipped, with the reason
+(missing device, no permission, KVM_CREATE_VM refused, ``QKIO_NO_KVM`` set...),
+on a machine where /dev/kvm cannot create a VM.  Its ``golden-is-current``
+item still runs: it needs no KVM.
+
+The ``kvm`` marker is the test suite's one way to say "needs KVM"
+(``@pytest.mark.kvm`` on a test, ``pytestmark = pytest.mark.kvm`` on a
+module); :func:`pytest_runtest_setup` below is the one place that skips, and
+:func:`qkio.kvm.probe` the one probe it asks.
 
 Why this file is at the root of the repository: hooks in a ``conftest.py``
 see only the files below its own directory, and the chapters (``notebooks/``)
@@ -50,6 +56,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+from qkio.kvm import probe as kvm_probe
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -124,16 +132,7 @@ if IPyNbFile is not None:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.skip_compare = self.skip_compare + ("stderr",)
-            self.kvm_skip_reason = None
-            if qkio_book.requires_kvm(self.path):
-                reason = qkio_book.kvm_unusable_reason()
-                if reason:
-                    self.kvm_skip_reason = f"notebook requires KVM: {reason}"
-
-        def setup(self):
-            if self.kvm_skip_reason:
-                return  # no kernel: every cell item is skipped
-            super().setup()
+            self.requires_kvm = qkio_book.requires_kvm(self.path)
 
         def get_sanitize_files(self):
             # pyproject.toml names tests/nbval_sanitize.cfg relative to the
@@ -162,10 +161,25 @@ if IPyNbFile is not None:
                 options.setdefault("check", self.compare_outputs)
                 item = IPyNbCell.from_parent(
                     self, name=f"Cell {cell_num}", cell_num=cell_num, cell=cell, options=options)
-                if self.kvm_skip_reason:
-                    item.add_marker(pytest.mark.skip(reason=self.kvm_skip_reason))
+                if self.requires_kvm:
+                    item.add_marker(pytest.mark.kvm)
                 yield item
                 cell_num += 1
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "kvm: needs a usable /dev/kvm (qkio.kvm.probe); skipped with the reason where there is none")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # tryfirst: skip before any fixture or parent collector (a notebook's
+    # kernel) is set up for an item that cannot run.
+    if item.get_closest_marker("kvm") is not None:
+        reason = kvm_probe()
+        if reason:
+            pytest.skip(f"KVM is not usable here: {reason}")
 
 
 def _is_book_notebook(path: Path) -> bool:

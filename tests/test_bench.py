@@ -16,14 +16,11 @@ import sys
 
 import pytest
 
-from helpers.vmm import require_kvm, run_qkio
+from helpers.vmm import run_qkio
 
 from qkio import bench
 from qkio.bench import stats
-from qkio.kvm.system import probe
 
-KVM_PROBLEM = probe()
-needs_kvm = pytest.mark.skipif(KVM_PROBLEM is not None, reason=f"no usable KVM: {KVM_PROBLEM}")
 needs_tools = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "ld", "gcc")),
                                  reason="as, ld and gcc are needed to build the guests and pio_ref")
 DIST_KEYS = {"n", "min", "p50", "p90", "p99", "max", "mean", "iqr"}
@@ -137,7 +134,7 @@ def test_wait_reports_select_na_above_fd_setsize():
     assert "FD_SETSIZE" in m["na"] and m["highest_fd"] >= 1024
 
 
-@needs_kvm
+@pytest.mark.kvm
 @needs_tools
 def test_pio():
     r = bench.benchmark("pio").run(n=600, small=100, n_qemu=600, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
@@ -150,7 +147,7 @@ def test_pio():
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
 
 
-@needs_kvm
+@pytest.mark.kvm
 @needs_tools
 def test_ioeventfd_counts_every_write():
     r = bench.benchmark("ioeventfd").run(n=500, small=100, rounds=1)
@@ -162,7 +159,7 @@ def test_ioeventfd_counts_every_write():
         well_formed(d, 1)
 
 
-@needs_kvm
+@pytest.mark.kvm
 @needs_tools
 def test_serial_gets_every_byte():
     r = bench.benchmark("serial").run(n=300, rounds=1, qemu=False)
@@ -171,8 +168,8 @@ def test_serial_gets_every_byte():
     assert r["bytes_per_s"]["qkio"]["p50"] > 0
 
 
+@pytest.mark.kvm
 def test_serial_expected_output_is_what_the_flood_guest_prints():
-    require_kvm()
     expected = bench.benchmark("serial").expected_output(130)
     assert expected[:3] == b"abc" and expected[63:64] == b"\n" and len(expected) == 130
     result = run_qkio("--kernel", "flood", "--append", "count=130")

@@ -18,12 +18,10 @@ import time
 from collections import defaultdict
 
 import pytest
-from helpers.vmm import QKIO_RUN, require_kvm, run_qkio, test_kernel
+from helpers.vmm import QKIO_RUN, run_qkio, test_kernel
 
 
-@pytest.fixture(autouse=True)
-def _kvm():
-    require_kvm()
+pytestmark = pytest.mark.kvm
 
 
 def _no_traceback(result):

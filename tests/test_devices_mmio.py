@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pytest
-from helpers.vmm import require_kvm
 
 from qkio.devices.mmio import MmioBus, MmioConflict, handle_mmio
 from qkio.kvm.constants import ExitReason
@@ -108,8 +107,8 @@ MMIO_GUEST = bytes([
 ])
 
 
+@pytest.mark.kvm
 def test_guest_mmio_exits_reach_the_device():
-    require_kvm()
     from qkio.machine import Machine
     logged = []
     dev = Recorder(0x12345678)

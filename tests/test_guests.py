@@ -17,7 +17,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from helpers.vmm import Vmm, demo_guest, require_binutils, require_kvm, run_qkio
+from helpers.vmm import Vmm, demo_guest, require_binutils, run_qkio
 
 from qkio import guests
 from qkio.boot import multiboot as mb
@@ -106,8 +106,8 @@ def test_missing_assembler_is_a_clear_error(tmp_path, monkeypatch):
         guests.build_guest("hello", cache=tmp_path / "cache")
 
 
+@pytest.mark.kvm
 def test_missing_assembler_through_the_cli(tmp_path):
-    require_kvm()
     env = {**os.environ, "PATH": str(tmp_path / "empty"), "QKIO_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "qkio", "run", "--kernel", "hello"],
                             capture_output=True, text=True, env=env, timeout=60,
@@ -127,7 +127,6 @@ def test_unknown_guest_name():
 def run_guest(name: str, append: str = "", *, smp: int = 1, timeout: float = 30,
               stdin_fd: int | None = None, setup=None):
     """Run demo guest ``name`` to the end; return (status, console bytes, facts)."""
-    require_kvm()
     path = demo_guest(name)
     out = bytearray()
     machine = Machine(memory_mib=4, smp=smp, console=out.extend, log=lambda msg: None)
@@ -143,6 +142,7 @@ def run_guest(name: str, append: str = "", *, smp: int = 1, timeout: float = 30,
     return status, bytes(out), facts
 
 
+@pytest.mark.kvm
 def test_hello():
     status, out, _ = run_guest("hello")
     assert (status, out) == (33, HELLO)
@@ -154,6 +154,7 @@ def _flood_text(count: int) -> bytes:
 
 @pytest.mark.parametrize("append,count", [("count=1000", 1000), ("", 10000), ("count=0", 0),
                                           ("xcount=5 count=70", 70)])
+@pytest.mark.kvm
 def test_flood_prints_count_bytes(append, count):
     status, out, _ = run_guest("flood", append)
     assert status == 33
@@ -173,6 +174,7 @@ class _PortLog:
         self.values.append(value)
 
 
+@pytest.mark.kvm
 def test_pio_loop_writes_port_0x80_count_times():
     log = _PortLog()
     status, out, machine = run_guest("pio-loop", "count=3000",
@@ -181,6 +183,7 @@ def test_pio_loop_writes_port_0x80_count_times():
     assert log.values == [n & 0xFF for n in range(3000, 0, -1)]  # none lost, none twice
 
 
+@pytest.mark.kvm
 def test_spin_is_stopped_by_the_timeout():
     start = time.monotonic()
     status, out, machine = run_guest("spin", timeout=0.5)
@@ -189,6 +192,7 @@ def test_spin_is_stopped_by_the_timeout():
     assert "--timeout" in machine.message
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("smp", [1, 2, 3])
 def test_smp_starts_every_cpu(smp):
     status, out, machine = run_guest("smp", "count=4096", smp=smp)
@@ -203,6 +207,7 @@ def test_smp_starts_every_cpu(smp):
     assert all(n > 0 for n in counts.values())
 
 
+@pytest.mark.kvm
 def test_echo_irq_in_process_through_a_pipe():
     r, w = os.pipe()
     try:
@@ -220,8 +225,8 @@ def test_echo_irq_in_process_through_a_pipe():
 
 # --- through the CLI ------------------------------------------------------------------
 
+@pytest.mark.kvm
 def test_cli_runs_a_demo_guest_by_name():
-    require_kvm()
     demo_guest("hello")
     result = run_qkio("--kernel", "hello")
     assert (result.returncode, result.stdout, result.stderr) == (33, HELLO, b"")
@@ -234,8 +239,8 @@ def test_cli_unknown_guest_name():
     assert err.count("\n") == 1 and "no such kernel file" in err and "hello" in err
 
 
+@pytest.mark.kvm
 def test_cli_smp_runs_both_vcpus():
-    require_kvm()
     demo_guest("smp")
     result = run_qkio("--kernel", "smp", "--smp", "2", "--append", "count=20000")
     out = result.stdout.decode()
@@ -245,12 +250,12 @@ def test_cli_smp_runs_both_vcpus():
     assert cpu1 > 0
 
 
+@pytest.mark.kvm
 def test_echo_irq_through_the_vmm_stdin():
     """Bytes written to ``qkio run``'s stdin come back, one chunk at a time:
     stdin -> io thread (select, the UART's can-read poll) -> IRQ 4 -> the
     guest's ISR -> THR -> stdout.  Each chunk is sent only after the
     previous one came back, so this is the interactive path, not a batch."""
-    require_kvm()
     demo_guest("echo-irq")
     with Vmm("--kernel", "echo-irq", "--timeout", "60", stdin=subprocess.PIPE) as vmm:
         vmm.wait_for_output(ECHO_BANNER)

@@ -13,8 +13,8 @@ Two rules for the guests:
   with an OUT, which always exits, or spins in ``jmp $`` until the test kicks it.
 * Every fd is closed at teardown; ``test_every_fd_is_closed`` counts them.
 
-Everything that needs /dev/kvm is skipped with :func:`qkio.kvm.probe`'s
-reason where KVM cannot create a VM.
+Everything that needs /dev/kvm has the ``kvm`` marker: skipped with
+:func:`qkio.kvm.probe`'s reason where KVM cannot create a VM.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ from qkio.kvm import structs as s
 from qkio.kvm.ioctl import KVM_SET_TSS_ADDR
 from qkio.kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 
-KVM_REASON = probe()
-needs_kvm = pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}")
 
 RAM_SIZE = 0x10000
 CODE = 0x1000      # where the guest's first instruction goes
@@ -148,12 +146,12 @@ def open_fds() -> set[str]:
 
 # --- /dev/kvm ---------------------------------------------------------------------
 
-@needs_kvm
+@pytest.mark.kvm
 def test_api_version_is_12(kvm):
     assert kvm.get_api_version() == c.KVM_API_VERSION == 12
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_capabilities(kvm):
     caps = kvm.capabilities()
     assert set(caps) == {cap.name for cap in Cap}
@@ -165,14 +163,14 @@ def test_capabilities(kvm):
     assert kvm.check_extension(0xFFFF) == 0  # an unknown capability is "absent", not an error
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_vcpu_mmap_size(kvm):
     size = kvm.get_vcpu_mmap_size()
     assert size % mmap.PAGESIZE == 0
     assert size >= ctypes.sizeof(s.kvm_run)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_supported_cpuid(kvm):
     cpuid = kvm.get_supported_cpuid()
     assert 0 < cpuid.nent <= len(cpuid.entries)
@@ -200,7 +198,7 @@ def test_non_kvm_device_is_kvm_unavailable():
 
 # --- VM ioctls ----------------------------------------------------------------------
 
-@needs_kvm
+@pytest.mark.kvm
 @pytest.mark.parametrize("slot, gpa", [(0, 0x20001), (0xFFFF, 0x20000)],
                          ids=["unaligned-address", "slot-out-of-range"])
 def test_failing_ioctl_raises_kvm_error_naming_ioctl_and_errno(kvm, slot, gpa):
@@ -212,7 +210,7 @@ def test_failing_ioctl_raises_kvm_error_naming_ioctl_and_errno(kvm, slot, gpa):
     assert str(e) == f"KVM_SET_USER_MEMORY_REGION failed: EINVAL ({os.strerror(errno.EINVAL)})"
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_set_tss_addr_above_int_max(kvm):
     """0xfffbd000 > INT_MAX: fcntl.ioctl cannot pass it by value, qkio's ctypes call can."""
     assert TSS_ADDR == 0xFFFBD000 > 2**31 - 1
@@ -223,14 +221,14 @@ def test_set_tss_addr_above_int_max(kvm):
         vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_irq_line_needs_an_irqchip(machine):
     with pytest.raises(KvmError) as info:
         machine.vm.set_irq_line(4, 1)
     assert info.value.errno == errno.ENXIO and info.value.ioctl_name == "KVM_IRQ_LINE"
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_irq_line_after_create_irqchip(irqchip_machine):
     vm = irqchip_machine.vm
     for irq in (0, 4, 15):
@@ -238,7 +236,7 @@ def test_irq_line_after_create_irqchip(irqchip_machine):
         vm.set_irq_line(irq, 0)  # an edge is 1 then 0
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_pit2_and_irqfd(irqchip_machine):
     vm = irqchip_machine.vm
     vm.create_pit2()
@@ -251,7 +249,7 @@ def test_pit2_and_irqfd(irqchip_machine):
         os.close(efd)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_ioeventfd_completes_guest_writes_in_the_kernel(machine):
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
@@ -271,7 +269,7 @@ def test_ioeventfd_completes_guest_writes_in_the_kernel(machine):
 
 # --- running the guest ---------------------------------------------------------------
 
-@needs_kvm
+@pytest.mark.kvm
 def test_out_exits_carry_port_size_direction_and_data(machine):
     machine.load(TWO_OUTS)
     assert machine.run_to_io() == (OUT, 0x10, 1, b"\x42")
@@ -279,7 +277,7 @@ def test_out_exits_carry_port_size_direction_and_data(machine):
     assert machine.vcpu.get_regs().rip == CODE + len(TWO_OUTS)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_in_reads_what_the_vmm_wrote_into_io_data(machine):
     machine.load(IN_THEN_ECHO)
     assert machine.run_to_io()[:3] == (IN, 0x60, 1)
@@ -291,7 +289,7 @@ def test_in_reads_what_the_vmm_wrote_into_io_data(machine):
     assert machine.vcpu.get_regs().rax & 0xFFFFFFFF == 0x04030201
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_immediate_exit_returns_intr_without_running_the_guest(machine):
     machine.load(COUNT_THEN_OUT)
     vcpu = machine.vcpu
@@ -304,7 +302,7 @@ def test_immediate_exit_returns_intr_without_running_the_guest(machine):
     assert machine.counter() == 1
 
 
-@needs_kvm
+@pytest.mark.kvm
 @pytest.mark.timeout(60)
 def test_pthread_kill_kicks_a_thread_out_of_kvm_run(machine):
     """A signal with a (no-op) handler interrupts KVM_RUN in the thread it is sent to.
@@ -340,7 +338,7 @@ def test_pthread_kill_kicks_a_thread_out_of_kvm_run(machine):
     assert machine.counter() > 0
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_set_signal_mask(machine):
     machine.vcpu.set_signal_mask(bytes(8))  # the kernel's sigset_t is 8 bytes on x86-64
     blocked = (1 << (signal.SIGUSR1 - 1)).to_bytes(8, "little")
@@ -353,7 +351,7 @@ def test_set_signal_mask(machine):
 
 # --- vCPU state ------------------------------------------------------------------------
 
-@needs_kvm
+@pytest.mark.kvm
 def test_regs_round_trip(machine):
     vcpu = machine.vcpu
     regs = s.kvm_regs()
@@ -365,7 +363,7 @@ def test_regs_round_trip(machine):
     assert bytes(vcpu.get_regs()) == bytes(regs)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_sregs_round_trip(machine):
     vcpu = machine.vcpu
     sregs = vcpu.get_sregs()
@@ -383,7 +381,7 @@ def test_sregs_round_trip(machine):
     assert bytes(vcpu.get_sregs()) == bytes(back)  # and unchanged when written back as read
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_fpu_round_trip(machine):
     vcpu = machine.vcpu
     fpu = vcpu.get_fpu()
@@ -397,7 +395,7 @@ def test_fpu_round_trip(machine):
     assert bytes(back.xmm[0]) == bytes(range(16)) and bytes(back.xmm[15]) == bytes(range(16, 32))
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_lapic_round_trip(irqchip_machine):
     vcpu = irqchip_machine.vcpu
     lapic = vcpu.get_lapic()
@@ -411,7 +409,7 @@ def test_lapic_round_trip(irqchip_machine):
     assert back[0xF0:0xF4] == (0x1FF).to_bytes(4, "little")
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_mp_state_round_trip(irqchip_machine):
     vcpu = irqchip_machine.vcpu
     assert vcpu.get_mp_state() == c.KVM_MP_STATE_RUNNABLE  # vCPU 0 is the boot processor
@@ -424,14 +422,14 @@ def test_mp_state_round_trip(irqchip_machine):
 IA32_SYSENTER_CS = 0x174
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_msrs_round_trip(machine):
     vcpu = machine.vcpu
     assert vcpu.set_msrs({IA32_SYSENTER_CS: 0x10}) == 1
     assert vcpu.get_msrs([IA32_SYSENTER_CS]) == {IA32_SYSENTER_CS: 0x10}
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_set_msrs_with_a_bogus_index_names_the_msr(machine):
     with pytest.raises(KvmError) as info:
         machine.vcpu.set_msrs({IA32_SYSENTER_CS: 0x10, 0xDEADBEEF: 1})
@@ -441,7 +439,7 @@ def test_set_msrs_with_a_bogus_index_names_the_msr(machine):
 
 # --- ownership -------------------------------------------------------------------------
 
-@needs_kvm
+@pytest.mark.kvm
 def test_every_fd_is_closed():
     """A whole life -- open, map, run, ioeventfd, close -- leaves the fd table as it found it."""
     before = open_fds()
@@ -458,7 +456,7 @@ def test_every_fd_is_closed():
     m.vcpu.close(), m.vm.close(), m.kvm.close(), m.mem.close()  # closing twice is harmless
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_vcpu_close_with_a_live_view_of_kvm_run():
     """A view of kvm_run held past close() does not make close() fail; the mapping goes with it."""
     before = open_fds()
@@ -470,3 +468,16 @@ def test_vcpu_close_with_a_live_view_of_kvm_run():
     assert m.vcpu.fd == -1 and io.port == 0x10  # still mapped: readable, no crash
     del io
     assert open_fds() == before
+
+
+def test_probe_honours_qkio_no_kvm(monkeypatch):
+    monkeypatch.setenv("QKIO_NO_KVM", "1")
+    assert probe() == "QKIO_NO_KVM is set in the environment"
+    monkeypatch.setenv("QKIO_NO_KVM", "0")
+    assert probe() is None or "QKIO_NO_KVM" not in probe()
+
+
+def test_probe_names_a_missing_device(tmp_path, monkeypatch):
+    monkeypatch.delenv("QKIO_NO_KVM", raising=False)
+    reason = probe(str(tmp_path / "kvm"))
+    assert reason is not None and "does not exist" in reason and "\n" not in reason

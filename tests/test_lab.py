@@ -9,11 +9,8 @@ import time
 import pytest
 
 from qkio import lab
-from qkio.kvm import probe
 from qkio.signals import REALTIME_SIGNALS, VMM_SIGNALS
 
-KVM_REASON = probe()
-needs_kvm = pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM is not usable here: {KVM_REASON}")
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 
 
@@ -31,7 +28,7 @@ def _sigblk(pid, tid):
     raise AssertionError("no SigBlk line")
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_spawn_names_threads_and_terminates_on_sigterm(spin):
     with lab.spawn_vmm("--kernel", spin, "--timeout", "20", "--smp", "2") as vm:
         threads = vm.wait_for_threads({"qkio-io", "CPU 0/KVM", "CPU 1/KVM"})
@@ -44,7 +41,7 @@ def test_spawn_names_threads_and_terminates_on_sigterm(spin):
         vm.send_signal(signal.SIGTERM)  # after the exit: a no-op, not an error
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_child_starts_with_a_clean_mask_whatever_the_caller_blocked(spin):
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGWINCH})
     try:
@@ -56,7 +53,7 @@ def test_child_starts_with_a_clean_mask_whatever_the_caller_blocked(spin):
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_context_manager_kills_and_reaps(spin):
     with lab.spawn_vmm("--kernel", spin, "--timeout", "60") as vm:
         vm.wait_for_threads({"CPU 0/KVM"})
@@ -66,7 +63,7 @@ def test_context_manager_kills_and_reaps(spin):
         os.waitpid(pid, os.WNOHANG)  # already reaped: no zombie left
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_context_manager_kills_on_error(spin):
     with pytest.raises(ZeroDivisionError):
         with lab.spawn_vmm("--kernel", spin, "--timeout", "60") as vm:
@@ -74,7 +71,7 @@ def test_context_manager_kills_on_error(spin):
     assert vm.returncode is not None
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_wait_timeout_and_stdin_pipe(spin):
     with lab.spawn_vmm("--kernel", spin, "--timeout", "20", stdin=subprocess.PIPE) as vm:
         with pytest.raises(subprocess.TimeoutExpired):
@@ -92,7 +89,7 @@ def test_bad_kernel_reports_on_stderr():
             vm.wait_for_threads({"CPU 0/KVM"}, timeout=1)
 
 
-@needs_kvm
+@pytest.mark.kvm
 def test_trace_loads_pairs_and_plots(spin, tmp_path):
     path = tmp_path / "t.json"
     with lab.spawn_vmm("--kernel", spin, "--timeout", "0.3", trace=path) as vm:
@@ -147,7 +144,7 @@ def test_group_strace_names_threads_joins_halves_and_drops_child_processes():
     }
 
 
-@needs_kvm
+@pytest.mark.kvm
 @needs_strace
 def test_strace_threads_groups_a_real_run(spin):
     t0 = time.monotonic()

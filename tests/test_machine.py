@@ -10,16 +10,14 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import demo_guest, open_fds, require_kvm, run_in_thread, saved_sigmask, test_kernel
+from helpers.vmm import demo_guest, open_fds, run_in_thread, saved_sigmask, test_kernel
 
 from qkio.errors import BadKernel
 from qkio.kvm.constants import ExitReason
 from qkio.machine import STATUS_GUEST_FAILED, STATUS_POWEROFF, STATUS_TIMEOUT, Machine
 
 
-@pytest.fixture(autouse=True)
-def _kvm():
-    require_kvm()
+pytestmark = pytest.mark.kvm
 
 
 def quiet_machine(**kw) -> tuple[Machine, bytearray]:

@@ -10,11 +10,9 @@ an entry failure, a triple fault or a wrong byte instead of status 33.
 
 import pytest
 
-from qkio.kvm import probe
 from qkio.machine import Machine
 
-_reason = probe()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"KVM unusable: {_reason}")
+pytestmark = pytest.mark.kvm
 
 # mov al, LETTER; mov dx, 0x3f8; out dx, al; mov dx, 0xf4; mov eax, 0x10; out dx, eax
 # The operand-size prefixes (0x66) differ: 16-bit code needs one for the

@@ -22,7 +22,7 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import demo_guest, require_kvm
+from helpers.vmm import demo_guest
 
 from qkio import native
 from qkio.errors import QkioError
@@ -39,9 +39,11 @@ def _require_native():
         pytest.fail(f"native exit loop failed to build: {reason}")
 
 
+pytestmark = pytest.mark.kvm
+
+
 @pytest.fixture(autouse=True)
-def _kvm_and_native():
-    require_kvm()
+def _native():
     _require_native()
 
 

@@ -16,7 +16,7 @@ import re
 import signal
 
 import pytest
-from helpers.vmm import Vmm, require_kvm, wait_until
+from helpers.vmm import Vmm, wait_until
 
 SENT = 10_000
 RT = signal.SIGRTMIN + 1
@@ -39,7 +39,6 @@ def _send_and_count(path: str) -> tuple[int, int]:
 
     Signals still queued when a SIGHUP is taken are counted by a later
     report, so reports are asked for until two in a row agree."""
-    require_kvm()
     with Vmm("--kernel", "spin", "--signals", path) as vmm:
         vmm.wait_for_thread("CPU 0/KVM")
         for _ in range(SENT):
@@ -51,11 +50,13 @@ def _send_and_count(path: str) -> tuple[int, int]:
         return counts[-1], vmm.wait(10)
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("path", ["signalfd", "thread"])
 def test_ten_thousand_realtime_signals_all_arrive(path):
     assert _send_and_count(path) == (SENT, 0)
 
 
+@pytest.mark.kvm
 def test_async_handlers_coalesce_a_burst():
     taken, status = _send_and_count("async")
     assert 1 <= taken <= SENT and status == 0

@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import Vmm, demo_guest, require_kvm, run_in_thread, task_cpu_ticks, test_kernel, wait_until
+from helpers.vmm import Vmm, demo_guest, run_in_thread, task_cpu_ticks, test_kernel, wait_until
 
 from qkio import trace
 from qkio.cpus import KICK_STYLES
@@ -27,9 +27,7 @@ from qkio.kvm.constants import ExitReason
 from qkio.machine import STATUS_TIMEOUT, Machine
 
 
-@pytest.fixture(autouse=True)
-def _kvm():
-    require_kvm()
+pytestmark = pytest.mark.kvm
 
 
 def _running_spin(method: str) -> Vmm:

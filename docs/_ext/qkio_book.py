@@ -1,74 +1,17 @@
-"""Shared by conf.py and the root conftest.py: is /dev/kvm usable, and which
-notebooks need it.
+"""Shared by conf.py and the root conftest.py: which notebooks need KVM, and
+where their golden copies are; plus the Sphinx extension that says what the
+no-KVM fallback did.
 
-Both the book build and the test suite must agree on one question -- can this
-machine run a KVM guest? -- so the probe lives in one place.  It asks the
-kernel, not the file system: ``/dev/kvm`` can exist and still be useless
-(no permission, a container without the device cgroup, nested virt off, or
-``KVM_CREATE_VM`` refused because another hypervisor owns VMX).  So it opens
-the device, checks ``KVM_GET_API_VERSION`` (must be 12) and creates and closes
-one VM.  The answer names the cause, because a skip reason that only says
-"no KVM" sends people looking in the wrong place.
-
-This module must import without Sphinx, pytest or qkio installed.
+Whether KVM is usable is asked of :func:`qkio.kvm.probe`, qkio's one probe
+(conf.py puts the repository on ``sys.path``, so the book builds even without
+qkio installed).  This module must import without Sphinx or pytest.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import functools
 import os
 import re
 from pathlib import Path
-
-KVM_DEVICE = "/dev/kvm"
-KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00)
-KVM_CREATE_VM = 0xAE01        # _IO(KVMIO, 0x01)
-KVM_API_VERSION = 12          # the only value Linux has ever returned
-
-
-@functools.lru_cache(maxsize=None)
-def kvm_unusable_reason(device: str = KVM_DEVICE) -> str | None:
-    """None if a VM can be created through ``device``, else why not (one line).
-
-    ``QKIO_NO_KVM=1`` in the environment makes it answer "unusable", to try
-    the no-KVM paths (skipped notebooks, book from goldens) on a KVM machine.
-    """
-    if os.environ.get("QKIO_NO_KVM", "") not in ("", "0"):
-        return "QKIO_NO_KVM is set in the environment"
-    try:
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return f"{device} does not exist (no KVM in this kernel, or not passed into this container/VM)"
-    except PermissionError:
-        return (f"{device} is not readable and writable by uid {os.getuid()} "
-                f"(add the user to group 'kvm', or run as root)")
-    except OSError as e:
-        return f"cannot open {device}: {os.strerror(e.errno)} (errno {e.errno})"
-    try:
-        try:
-            version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-        except OSError as e:
-            return f"KVM_GET_API_VERSION on {device} failed: {os.strerror(e.errno)} (errno {e.errno})"
-        if version != KVM_API_VERSION:
-            return f"KVM_GET_API_VERSION returned {version}, expected {KVM_API_VERSION}"
-        try:
-            vm_fd = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
-        except OSError as e:
-            hint = ""
-            if e.errno in (errno.EBUSY, errno.ENODEV, errno.EIO):
-                hint = " (is hardware virtualisation disabled, or held by another hypervisor?)"
-            return f"KVM_CREATE_VM failed: {os.strerror(e.errno)} (errno {e.errno}){hint}"
-        os.close(vm_fd)
-        return None
-    finally:
-        os.close(fd)
-
-
-def kvm_usable() -> bool:
-    return kvm_unusable_reason() is None
-
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
 

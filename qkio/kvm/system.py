@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 from ..errors import KvmError, KvmUnavailable
@@ -94,11 +95,33 @@ class Kvm:
         self.close()
 
 
+#: Set (to anything but "" or "0") to make :func:`probe` answer "unusable" on a
+#: machine with KVM, to try the no-KVM paths: skipped tests, the book from goldens.
+NO_KVM_ENV = "QKIO_NO_KVM"
+
+
 def probe(path: str = DEV_KVM) -> str | None:
     """Return None if KVM is usable here, else the reason it is not (one line).
 
-    Used by the test suite to skip KVM cells with the real cause.
+    qkio's one answer to "can this machine run a guest?": the test suite's
+    ``kvm`` marker, the chapters' ``qkio: {requires_kvm: true}`` front matter
+    and the book build (conf.py) all ask it.  It asks the kernel, not the
+    file system: ``/dev/kvm`` can exist and still be useless (no permission,
+    a container without the device, ``KVM_CREATE_VM`` refused because
+    another hypervisor holds the CPU's virtualization extensions), so it
+    opens the device, checks the API version and creates and closes one VM.
+    The reason names the cause, because "no KVM" alone sends people looking
+    in the wrong place.  ``QKIO_NO_KVM=1`` in the environment answers
+    "unusable" whatever the device says; the device's own answer is asked
+    once per path and process.
     """
+    if os.environ.get(NO_KVM_ENV, "") not in ("", "0"):
+        return f"{NO_KVM_ENV} is set in the environment"
+    return _probe_device(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_device(path: str) -> str | None:
     try:
         with Kvm(path) as kvm:
             vm = kvm.create_vm()

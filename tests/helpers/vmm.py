@@ -36,30 +36,13 @@ from pathlib import Path
 
 import pytest
 
-from qkio.kvm import probe
 
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 QKIO_RUN = (sys.executable, "-m", "qkio", "run")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# --- skipping -------------------------------------------------------------------
-
-_kvm_reason: list[str | None] = []
-
-
-def kvm_unusable_reason() -> str | None:
-    """``qkio.kvm.probe()``'s reason, asked once per session."""
-    if not _kvm_reason:
-        _kvm_reason.append(probe())
-    return _kvm_reason[0]
-
-
-def require_kvm() -> None:
-    reason = kvm_unusable_reason()
-    if reason:
-        pytest.skip(f"KVM is not usable here: {reason}")
-
+# --- skipping (needing KVM is the `kvm` marker: see the root conftest.py) ------------
 
 def require_binutils() -> None:
     if not (shutil.which("as") and shutil.which("ld")):
