@@ -34,8 +34,9 @@ ECHO_BANNER = b"echo-irq: type; q quits\n"
 
 def test_every_guest_has_a_source_and_a_description():
     sources = {p.stem for p in guests.GUEST_DIR.glob("*.s")}
-    assert sources == set(guests.GUESTS) == {"hello", "echo-irq", "flood", "pio-loop", "smp", "spin",
-                                                 "cmdline", "echo", "mbinfo", "triple", "unassigned"}
+    assert sources == set(guests.GUESTS)
+    assert sources >= {"hello", "echo-irq", "flood", "pio-loop", "smp", "spin",
+                       "cmdline", "echo", "mbinfo", "triple", "unassigned"}
     for name, line in guests.GUESTS.items():
         assert line and "\n" not in line, name
 

@@ -5,7 +5,7 @@ the thread that took each notify is the one the mode promises."""
 from __future__ import annotations
 
 import pytest
-from helpers.vmm import demo_guest, require_kvm, run_qkio
+from helpers.vmm import demo_guest, run_qkio
 
 from qkio.bench.virtio_run import fresh_image, guest_report, run_qemu
 from qkio.kvm.constants import ExitReason
@@ -21,9 +21,7 @@ EXPECTED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kvm():
-    require_kvm()
+pytestmark = pytest.mark.kvm
 
 
 def run_machine(image, mode, count=COUNT):
