@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "(KVM_IOEVENTFD, the io thread under the global lock) or iothread (KVM_IOEVENTFD "
                           "and KVM_IRQFD in an IOThread that never takes the lock); QEMU-like spellings "
                           "ioeventfd=off, ioeventfd=on, iothread=io0 mean the same (default vcpu)")
+    run.add_argument("--virtio-aio", default="sync", metavar="MODE",
+                     help="who does a virtio-blk request's I/O: sync (preadv/pwritev in the thread that took "
+                          "the notify) or paio (qemu-kvm 0.12's posix-aio-compat workers, completing through "
+                          "SIGUSR2 and the io thread; not with --virtio-notify iothread) (default sync)")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file")
     bench = sub.add_parser("bench", help="run the benchmarks")
     bench.add_argument("names", nargs="*")
@@ -121,13 +125,14 @@ def run_main(args) -> int:
             return _error(f"no such kernel file {kernel!r} (demo guests: {', '.join(guests.GUESTS)})")
     try:
         from .virtio.blk import parse_drive_option
-        from .virtio.board import parse_notify_mode
+        from .virtio.board import parse_aio_mode, parse_notify_mode
         drives = [parse_drive_option(text) for text in args.drive]
         virtio_notify = parse_notify_mode(args.virtio_notify)
+        virtio_aio = parse_aio_mode(args.virtio_aio)
         machine = Machine(memory_mib=args.memory, smp=args.smp, signals=args.signals,
                           notify=args.notify, backend=args.backend, kick=args.kick,
                           exit_path=args.exit_path, tracer=tracer, drives=drives,
-                          virtio_notify=virtio_notify)
+                          virtio_notify=virtio_notify, virtio_aio=virtio_aio)
     except (QkioError, ValueError) as e:
         return _error(str(e))
     if args.exit_path is None and machine.cpus[0].exit_path == "python":

@@ -73,7 +73,8 @@ class Machine:
                  notify: str = "eventfd", backend: str = "select", kick: str = "immediate_exit",
                  exit_path: str | None = None, console=None, tracer: _trace.Tracer | None = None,
                  force_signalfd_failure: bool = False, log=None,
-                 drives: list[tuple[str, bool]] | None = None, virtio_notify: str = "vcpu"):
+                 drives: list[tuple[str, bool, bytes]] | None = None, virtio_notify: str = "vcpu",
+                 virtio_aio: str = "sync"):
         if not 1 <= smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {smp}")
         if not 1 <= memory_mib <= 3072:
@@ -85,6 +86,9 @@ class Machine:
         self.cpus: list[CpuThread] = []
         self.kvm = self.vm = self.memory = self.loop = self.signal_source = None
         self.virtio = None
+        # With the posix-aio-compat pool, SIGUSR2 is the pool's (its own signal fd,
+        # as in qemu-kvm 0.12), so the machine's signal source must not take it.
+        self._paio = bool(drives) and virtio_aio == "paio"
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
         try:
@@ -92,7 +96,7 @@ class Machine:
                         force_signalfd_failure)
             if drives:
                 from .virtio.board import VirtioBoard
-                self.virtio = VirtioBoard(self, drives, notify=virtio_notify)
+                self.virtio = VirtioBoard(self, drives, notify=virtio_notify, aio=virtio_aio)
         except BaseException:
             self.close()
             raise
@@ -144,12 +148,14 @@ class Machine:
         setup_lint(self.cpus[0].vcpu)
 
         if signals is not None:
-            self.signal_source = SignalSource(signals, VMM_SIGNALS + REALTIME_SIGNALS, tracer=self.tracer,
+            taken = [s for s in VMM_SIGNALS + REALTIME_SIGNALS
+                     if not (self._paio and s == _signal.SIGUSR2)]
+            self.signal_source = SignalSource(signals, taken, tracer=self.tracer,
                                               force_signalfd_failure=force_sfd_fail)
             self.signal_source.attach(self.loop)
             for signo in (_signal.SIGTERM, _signal.SIGINT):
                 self.signal_source.add_handler(signo, self._terminate_on_signal)
-            for signo in (_signal.SIGHUP, _signal.SIGUSR2):
+            for signo in (_signal.SIGHUP,) + (() if self._paio else (_signal.SIGUSR2,)):
                 self.signal_source.add_handler(signo, self._report_state)
             for signo in REALTIME_SIGNALS:  # counted by the source, nothing more
                 self.signal_source.add_handler(signo, lambda info: None)

@@ -113,3 +113,40 @@ def test_same_guest_on_qemu_microvm(tmp_path, iothread):
     # Same lines, checksum included; and the same bytes on both disks.
     assert guest_report(q["output"]) == guest_report(k["output"])
     assert open(qemu_img, "rb").read() == open(qkio_img, "rb").read()
+
+
+def trace_events(path):
+    import json
+    events = json.load(open(path))["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
+    return [(names.get(e["tid"], str(e["tid"])), e) for e in events if e.get("ph") != "M"]
+
+
+@pytest.mark.parametrize("mode", ["vcpu", "main"])
+def test_paio_completes_through_sigusr2_in_the_io_thread(tmp_path, mode):
+    """qemu-kvm 0.12's path: a worker does the I/O, kill(getpid(), SIGUSR2), the io
+    thread reads the signal fd and completes the request under the global lock."""
+    image = fresh_image(tmp_path / "disk.img")
+    trace = tmp_path / "trace.json"
+    result = run_qkio("--kernel", str(demo_guest("virtio-blk")), "--drive", f"file={image},serial=qkio0",
+                      "--virtio-notify", mode, "--virtio-aio", "paio", "--append", f"count={COUNT}",
+                      "--trace", str(trace))
+    assert result.returncode == 33, result.stderr
+    assert guest_report(result.stdout.decode())[:4] == EXPECTED
+    events = trace_events(trace)
+    completes = [(t, e) for t, e in events if e["name"] == "paio complete"]
+    assert len(completes) == 2 * COUNT + 1               # writes, reads, the FLUSH
+    assert {t for t, _ in completes} == {"qkio-io"}
+    assert all(e["args"]["worker"].startswith("qkio-aio") for _, e in completes)
+    usr2 = [e for t, e in events if e["name"] == "signal received" and e["args"]["signo"] == 12]
+    assert usr2 and all(t == "qkio-io" for t, e in events if e["name"] == "signal received")
+    assert all(e["args"]["bql_held"] for t, e in events if e["name"] == "virtio complete")
+    submitted_by = {e["args"]["by"] for _, e in events if e["name"] == "paio_submit"}
+    assert submitted_by == ({"CPU 0/KVM"} if mode == "vcpu" else {"qkio-io"})
+
+
+def test_paio_with_iothread_is_refused(tmp_path):
+    image = fresh_image(tmp_path / "disk.img")
+    result = run_qkio("--kernel", str(demo_guest("virtio-blk")), "--drive", f"file={image}",
+                      "--virtio-notify", "iothread", "--virtio-aio", "paio")
+    assert result.returncode == 1 and b"no IOThread" in result.stderr and b"Traceback" not in result.stderr

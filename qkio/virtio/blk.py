@@ -110,34 +110,57 @@ class BlkRequest:
         self.status = VIRTIO_BLK_S_OK
         self.written = 0               # bytes written into device-writable buffers, status excluded
 
+    def refused(self) -> bool:
+        """Check an IN or OUT against the image and the drive's mode; on failure set
+        IOERR and say so.  Runs before any I/O, in the thread that parsed the request."""
+        dev = self.device
+        if self.type not in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
+            return False
+        length = self.length()
+        offset = self.sector * SECTOR_SIZE
+        if (length % SECTOR_SIZE or self.sector >= dev.capacity
+                or offset + length > dev.capacity * SECTOR_SIZE
+                or (self.type == VIRTIO_BLK_T_OUT and dev.readonly)):
+            self.status = VIRTIO_BLK_S_IOERR
+            return True
+        return False
+
+    def length(self) -> int:
+        return sum(n for _, n in self.data)
+
+    def views(self) -> list[memoryview]:
+        """The data buffers as windows on guest RAM (bounds-checked), for preadv/pwritev."""
+        return [self.device.memory.view(gpa, n) for gpa, n in self.data if n]
+
+    def finish_io(self, done: int) -> None:
+        """Record the outcome of the transfer: ``done`` bytes, or a negative errno."""
+        if done != self.length():
+            self.status = VIRTIO_BLK_S_IOERR
+        elif self.type == VIRTIO_BLK_T_IN:
+            self.written = done
+
     def execute(self) -> None:
-        """Do the I/O and set :attr:`status`.  Any thread; no lock needed (the image
-        fd is shared, but ``preadv``/``pwritev`` carry their own offset)."""
+        """Do the request synchronously and set :attr:`status`.  Any thread; no lock
+        needed (the image fd is shared, but ``preadv``/``pwritev`` carry their own offset)."""
         dev = self.device
         if self.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT):
-            length = sum(n for _, n in self.data)
+            if self.refused():
+                return
+            views = self.views()
             offset = self.sector * SECTOR_SIZE
-            if (length % SECTOR_SIZE or self.sector >= dev.capacity
-                    or offset + length > dev.capacity * SECTOR_SIZE):
-                self.status = VIRTIO_BLK_S_IOERR
-                return
-            if self.type == VIRTIO_BLK_T_OUT and dev.readonly:
-                self.status = VIRTIO_BLK_S_IOERR
-                return
-            views = [dev.memory.view(gpa, n) for gpa, n in self.data if n]
             try:
-                if self.type == VIRTIO_BLK_T_IN:
-                    done = os.preadv(dev.fd, views, offset) if views else 0
-                    self.written = done
+                if not views:
+                    done = 0
+                elif self.type == VIRTIO_BLK_T_IN:
+                    done = os.preadv(dev.fd, views, offset)
                 else:
-                    done = os.pwritev(dev.fd, views, offset) if views else 0
-                if done != length:
-                    self.status = VIRTIO_BLK_S_IOERR
-            except OSError:
-                self.status = VIRTIO_BLK_S_IOERR
+                    done = os.pwritev(dev.fd, views, offset)
+            except OSError as e:
+                done = -(e.errno or 5)
             finally:
                 for v in views:
                     v.release()
+            self.finish_io(done)
         elif self.type == VIRTIO_BLK_T_FLUSH:
             try:
                 if not dev.readonly:
@@ -223,7 +246,7 @@ class VirtIOBlock:
         self.memory.write(request.status_addr, bytes([request.status]))
         queue.push(request.head, request.written + 1)
 
-    def handle_queue(self, transport, on_request=None) -> int:
+    def handle_queue(self, transport, on_request=None, submit=None) -> int:
         """Run every request the driver has made available on ``transport``'s queue 0.
 
         Pops, parses, executes and completes them in order; ``on_request(request,
@@ -231,6 +254,11 @@ class VirtIOBlock:
         breaks the rules puts the transport in DEVICE_NEEDS_RESET and stops the
         queue.  Raises the used-buffer interrupt once if anything completed.
         Returns the number of requests completed.
+
+        ``submit(request)``, if given, may take IN, OUT and FLUSH requests that
+        passed their checks (it returns True) and complete them later, from
+        another thread (the posix-aio-compat pool of :mod:`qkio.virtio.board`);
+        the rest still complete here.
         """
         queue = transport.queues[0]
         if transport.broken or not queue.ready:
@@ -243,6 +271,10 @@ class VirtIOBlock:
                     break
                 request = self.parse(chain)
                 start = time.monotonic_ns()
+                if (submit is not None and request.type in (VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+                                                            VIRTIO_BLK_T_FLUSH)
+                        and not request.refused() and submit(request)):
+                    continue
                 request.execute()
                 self.complete(request, queue)
                 done += 1

@@ -57,6 +57,20 @@ MICROVM_VIRTIO_IRQ_BASE = 5
 NOTIFY_MODES = ("vcpu", "main", "iothread")
 NOTIFY_ALIASES = {"ioeventfd=off": "vcpu", "ioeventfd=on": "main", "iothread=io0": "iothread"}
 
+#: ``--virtio-aio``: who does the I/O of a request.  ``sync``: the thread that took
+#: the notify, with ``preadv``/``pwritev`` (what a QEMU IOThread does with
+#: io_uring or Linux AIO, minus the asynchrony).  ``paio``: qemu-kvm 0.12's
+#: posix-aio-compat pool (:mod:`qkio.posix_aio_compat`): workers do the I/O and
+#: ``kill(getpid(), SIGUSR2)``; the signal reaches the io thread through its own
+#: signal fd, and the request completes there, under the global lock.
+AIO_MODES = ("sync", "paio")
+
+
+def parse_aio_mode(text: str) -> str:
+    if text not in AIO_MODES:
+        raise QkioError(f"--virtio-aio must be one of {', '.join(AIO_MODES)}, not {text!r}")
+    return text
+
 
 def transport_slots() -> list[tuple[int, int]]:
     """``(base, irq)`` of every transport, in the order devices fill them (top first)."""
@@ -87,6 +101,8 @@ class BlkRunner:
         self.requests_with_lock = 0
         self.eventfd_notifies = 0
         self.batches_ns: list[int] = []   # notify taken -> interrupt raised, per batch
+        self.completions_by_thread: collections.Counter = collections.Counter()  # paio only
+        self.submitted_ns: dict[int, int] = {}
 
     # -- the notify, from whichever thread the mode gives it to ------------------------
 
@@ -110,13 +126,56 @@ class BlkRunner:
                 tracer.complete("virtio request", r0, type=name, sector=request.sector,
                                 status=request.status, bql_held=locked)
 
-        done = self.device.handle_queue(transport, counted)
+        submit = self._submit if board.paio is not None else None
+        done = self.device.handle_queue(transport, counted, submit)
         if done:
             self.irqs_by_thread[me] += 1
             self.batches_ns.append(time.monotonic_ns() - t0)
             if tracer.enabled:
                 tracer.instant("virtio interrupt", gsi=transport.irq, via=board.irq_method,
                                bql_held=locked)
+
+    # -- qemu-kvm 0.12's way: the posix-aio-compat pool ---------------------------
+
+    def _submit(self, request) -> bool:
+        """Hand an IN, OUT or FLUSH to the pool; False (do it here) for an empty transfer."""
+        from ..posix_aio_compat import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE
+        from .blk import SECTOR_SIZE, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN
+        if request.type == VIRTIO_BLK_T_FLUSH:
+            views, kind = [], QEMU_AIO_FLUSH
+        else:
+            views = request.views()
+            if not views:
+                return False
+            kind = QEMU_AIO_READ if request.type == VIRTIO_BLK_T_IN else QEMU_AIO_WRITE
+        self.board.paio.paio_submit(self.device.fd, request.sector * SECTOR_SIZE, views, kind,
+                                    self._aio_done, (request, views, time.monotonic_ns()))
+        return True
+
+    def _aio_done(self, opaque, ret: int) -> None:
+        """The pool's completion callback: io thread, global lock held (posix_aio_process_queue)."""
+        from .blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN
+        request, views, t0 = opaque
+        for v in views:
+            v.release()
+        if ret < 0:
+            request.status = VIRTIO_BLK_S_IOERR
+        elif request.type == VIRTIO_BLK_T_IN:
+            request.written = request.length()
+        me = threading.current_thread().name
+        locked = self.board.lock.held_by_me()
+        if self.transport.broken or not self.queue.ready:
+            return  # reset while in flight: the chain is gone with the queue
+        self.device.complete(request, self.queue)
+        self.completions_by_thread[me] += 1
+        self.transport.raise_used()
+        self.irqs_by_thread[me] += 1
+        self.batches_ns.append(time.monotonic_ns() - t0)
+        tracer = self.board.tracer
+        if tracer.enabled:
+            tracer.instant("virtio complete", status=request.status, bql_held=locked)
+            tracer.instant("virtio interrupt", gsi=self.transport.irq, via=self.board.irq_method,
+                           bql_held=locked)
 
     def _eventfd_readable(self, fd: int) -> None:
         try:
@@ -178,8 +237,14 @@ class BlkRunner:
 class VirtioBoard:
     """The eight microvm transports on ``machine.mmio_bus``, with block devices on the top ones."""
 
-    def __init__(self, machine, drives: list[tuple[str, bool]], notify: str = "vcpu"):
+    def __init__(self, machine, drives: list[tuple[str, bool, bytes]], notify: str = "vcpu",
+                 aio: str = "sync"):
         self.notify = parse_notify_mode(notify)
+        self.aio = parse_aio_mode(aio)
+        if self.aio == "paio" and self.notify == "iothread":
+            raise QkioError("--virtio-aio paio completes requests in the io thread under the global "
+                            "lock (qemu-kvm 0.12 had no IOThread); use it with --virtio-notify vcpu "
+                            "or main, or --virtio-aio sync with iothread")
         if len(drives) > MICROVM_VIRTIO_TRANSPORTS:
             raise QkioError(f"at most {MICROVM_VIRTIO_TRANSPORTS} drives (one per virtio-mmio transport)")
         self.machine = machine
@@ -189,7 +254,11 @@ class VirtioBoard:
         self.irq_method = "KVM_IRQ_LINE"
         self.runners: list[BlkRunner] = []
         self.transports: list[VirtioMMIO] = []
+        self.paio = None
         try:
+            if self.aio == "paio":
+                from ..posix_aio_compat import paio_init
+                self.paio = paio_init(machine.loop, tracer=self.tracer)
             if self.notify == "iothread":
                 self.iothread = IOThread("io0", tracer=self.tracer)
                 self.irq_method = "KVM_IRQFD"
@@ -244,6 +313,9 @@ class VirtioBoard:
                        for r in self.runners)
 
     def close(self) -> None:
+        if self.paio is not None:  # first: its workers write into guest RAM and the images
+            self.paio.close()
+            self.paio = None
         for runner in self.runners:
             runner.close()
         self.runners = []
