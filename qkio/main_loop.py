@@ -39,7 +39,8 @@ the doorbell so the sleeping io thread recomputes its timeout.
 
 **Bottom halves** are callbacks that the io thread runs at the end of an
 iteration.  ``schedule()`` may be called from any thread (it sets a flag and
-notifies); that is the standard way for a vCPU thread to hand work to the io
+notifies, once: scheduling a bottom half that is already scheduled does
+nothing, as in 0.12); that is the standard way for a vCPU thread to hand work to the io
 thread.  Like ``qemu_bh_new``, new bottom halves go to the *front* of the
 list, so several scheduled at once run newest first.
 
@@ -263,14 +264,29 @@ class QEMUBH:
         self.deleted = False
 
     def schedule(self) -> None:
-        """Run soon.  Any thread may call it: setting a bool is atomic under the
-        GIL, and the notify makes a sleeping io thread see it."""
+        """Run soon (``qemu_bh_schedule``).  Any thread may call it.
+
+        As in qemu-kvm 0.12.3 (async.c), a bottom half that is already
+        scheduled is left alone: no second doorbell, since the first one has
+        already made (or will make) the io thread look at its bottom halves.
+        So a hundred calls before the io thread runs it ring once.  0.12 also
+        returns early for one scheduled *idle*, leaving it idle; so does this.
+
+        Why no lock is needed: the io thread clears ``scheduled`` *before* it
+        calls ``cb``, so a call that sees True and returns is served by a run
+        that has not started yet.  Two threads that both see False both ring,
+        which only costs a spare doorbell.
+        """
+        if self.scheduled:
+            return
         self.idle = False
         self.scheduled = True
         self._loop.notify_event("bh")
 
     def schedule_idle(self) -> None:
         """Run within about 10 ms, without waking the io thread (``qemu_bh_schedule_idle``)."""
+        if self.scheduled:
+            return
         self.idle = True
         self.scheduled = True
 

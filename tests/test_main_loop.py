@@ -310,3 +310,33 @@ def test_trace_shows_wait_dispatch_and_notifier(pipe):
     sent = [e for e in tr.events() if e["name"] == "notify sent" and e["args"]["reason"] == "hello"]
     assert sent and sent[0]["args"]["by"] == "writer" and sent[0]["thread"] == "writer"
     assert any(n.startswith("fd_read ") and "drain" in n for n in names)
+
+
+def _eventfd_writes(fd):
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("eventfd-count:"))
+
+
+def test_bh_scheduled_twice_rings_once_as_in_0_12(loop):
+    # qemu-kvm 0.12.3 async.c: qemu_bh_schedule returns early if bh->scheduled.
+    loop.notifier.drain()
+    ran = []
+    bh = loop.bh_new(lambda o: ran.append(1))
+    for _ in range(100):
+        bh.schedule()
+    assert _eventfd_writes(loop.notifier.read_fd) == 1
+    loop.main_loop_wait(0)
+    assert ran == [1]
+    bh.schedule()  # once it has run, scheduling again rings again
+    assert _eventfd_writes(loop.notifier.read_fd) == 1
+    loop.main_loop_wait(0)
+    assert ran == [1, 1]
+
+
+def test_bh_schedule_idle_then_schedule_keeps_it_idle_as_in_0_12(loop):
+    loop.notifier.drain()
+    bh = loop.bh_new(lambda o: None)
+    bh.schedule_idle()
+    bh.schedule()  # 0.12 returns early: already scheduled
+    assert bh.idle and bh.scheduled
+    assert _eventfd_writes(loop.notifier.read_fd) == 0
