@@ -37,7 +37,9 @@ Two cures, both here, selected by ``kick=``:
   on every entry.
 * ``"immediate_exit"`` -- modern QEMU's way (``KVM_CAP_IMMEDIATE_EXIT``,
   Linux 4.11).  The kicker sets ``kvm_run.immediate_exit = 1`` *before*
-  signalling.  If the vCPU is in the guest, the signal throws it out; if it
+  signalling.  (QEMU sets it in the signal handler, ``kvm_ipi_signal``, in
+  the target thread; qkio cannot, since CPython runs Python signal handlers
+  only in the main thread.)  If the vCPU is in the guest, the signal throws it out; if it
   is in the gap, ``KVM_RUN`` checks the flag on entry and returns EINTR
   without running the guest.  The thread clears the flag and looks at its
   queue again.  Nothing is swapped on the fast path.
