@@ -36,7 +36,7 @@ def test_every_guest_has_a_source_and_a_description():
     sources = {p.stem for p in guests.GUEST_DIR.glob("*.s")}
     assert sources == set(guests.GUESTS)
     assert sources >= {"hello", "echo-irq", "flood", "pio-loop", "smp", "spin",
-                       "cmdline", "echo", "mbinfo", "triple", "unassigned"}
+                       "cmdline", "echo", "mbinfo", "triple", "unassigned", "count-loop"}
     for name, line in guests.GUESTS.items():
         assert line and "\n" not in line, name
 
