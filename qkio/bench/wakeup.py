@@ -15,9 +15,10 @@ io thread is asleep in ``select()`` again before the next notification.
 
 What it shows: a wake-up is a kernel wake-up plus a Python thread taking the
 GIL.  The sender blocks (in ``read``) right after notifying, so it hands the
-GIL over at once; if it kept running Python instead, the io thread would wait
-for the interpreter's switch interval (5 ms) -- the stall reported as
-``over_5ms``.  Next to it, ``host_steal_ms``: how long the hypervisor kept
+GIL over at once.  A sender that kept running Python instead could make the
+io thread wait for the interpreter's switch interval (5 ms) -- the stall
+reported as ``over_5ms``; :func:`busy_notifier` shows when it does and when
+it does not.  Next to it, ``host_steal_ms``: how long the hypervisor kept
 this machine's vCPUs from running during the run (``/proc/stat``), the one
 cause of a stall that no thread here controls.  Also reported: the io thread's own CPU time per wake-up
 (``time.thread_time`` over the run); with ``samples=True``, every latency in
@@ -64,13 +65,40 @@ TARGET_VS_C = 2.0
 _NS = struct.Struct("=Q")
 
 
+#: System calls in which the io thread may be asleep in ``main_loop_wait``
+#: (x86-64 numbers): select, pselect6, poll, ppoll, epoll_wait, epoll_pwait,
+#: epoll_pwait2.  glibc's ``select()`` is pselect6 underneath.
+_WAIT_SYSCALLS = frozenset({23, 270, 7, 271, 232, 281, 441})
+
+
+def _asleep_in_wait(tid: int) -> bool:
+    """Is thread ``tid`` of this process blocked in one of the wait system calls?
+
+    ``/proc/<pid>/task/<tid>/syscall`` names the system call a blocked thread
+    is in ("running" if it is not blocked).  A thread waiting for the GIL
+    is in ``futex``, not in a wait, so this tells "asleep in select" from
+    "woken, now queueing for the GIL".
+    """
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            first = f.read().split(maxsplit=1)[0]
+    except (OSError, IndexError):
+        return False
+    return first.isdigit() and int(first) in _WAIT_SYSCALLS
+
+
 def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 100e-6,
-                 busy_after_notify_s: float = 0.0) -> dict:
+                 busy_after_notify_s: float = 0.0, notify=None,
+                 wait_until_asleep: bool = False) -> dict:
     """Measure ``count`` notify -> main_loop_wait-returned wake-ups of ``loop``'s io thread.
 
     ``busy_after_notify_s``: instead of blocking at once, the sender keeps
-    running Python for that long after each notify -- the notifier that
-    holds on to the GIL, whose cost the switch interval bounds.
+    running Python for that long after each notify -- a notifier that goes
+    on holding the GIL.  ``notify``: the call that rings (default
+    ``loop.notifier.notify``).  ``wait_until_asleep``: before each
+    notification, wait until the io thread is blocked in its wait system
+    call (``/proc``), so that it cannot already be queueing for the GIL when
+    the clock starts.
 
     The io thread is started here and stopped before returning.  Returns
     ``{"latency_us": summary, "samples_us": [...], "io_cpu_us_per_wake": ...,
@@ -101,9 +129,12 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     try:
         time.sleep(0.01)
         now, read, unpack = time.monotonic_ns, os.read, _NS.unpack
-        notify = loop.notifier.notify
+        notify = notify if notify is not None else loop.notifier.notify
         busy_ns = int(busy_after_notify_s * 1e9)
         for i in range(warmup + count):
+            if wait_until_asleep:
+                while not _asleep_in_wait(thread.native_id):
+                    time.sleep(gap_s or 50e-6)
             t0 = now()
             notify()
             while busy_ns and now() - t0 < busy_ns:
@@ -153,6 +184,49 @@ def _finish(r: dict, lat: list[float], samples: bool) -> dict:
     if samples:
         r["samples_us"] = [round(x, 3) for x in lat]
     return r
+
+
+def busy_notifier(count: int = 30, busy_s: float = 0.02) -> dict:
+    """A sender that keeps running Python for ``busy_s`` after each notify, two ways.
+
+    * ``"os.write"``: ``EventNotifier.notify``, an ``os.write``.  CPython
+      releases the GIL around the system call, so the io thread, woken by
+      the write, can take the GIL before the sender takes it back; or it
+      loses that race and must wait until the sender is made to let go.
+    * ``"write keeping the GIL"``: the same 8-byte write through
+      ``ctypes.PyDLL``, which calls C *without* releasing the GIL.  The io
+      thread, woken, finds the GIL held and waits.  CPython's ``take_gil``
+      waits one switch interval (``sys.getswitchinterval()``) before it asks
+      the holder to drop the GIL, and a thread running pure Python drops it
+      only when asked, so no wake-up can complete in less than one interval
+      after the write.  With ``wait_until_asleep`` the io thread is asleep
+      in ``select()`` when the clock starts, so its wait for the GIL starts
+      after the write: that bound is a law of the interpreter, whatever the
+      host's load.  Run this in a process with no other thread that wants
+      the GIL (the benchmark's child, not a notebook kernel): a third
+      thread's request could make the sender let go earlier.
+
+    Returns ``{"switch_interval_s": s, "ways": {way: {"latency_us":
+    summary, "samples_us": [...], "under_interval": n}}}``.
+    """
+    import ctypes
+
+    libc_with_gil = ctypes.PyDLL(None)   # PyDLL: the GIL stays held during the call
+    libc_with_gil.write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    one = (1).to_bytes(8, sys.byteorder)
+    interval_us = sys.getswitchinterval() * 1e6
+    ways = {}
+    with MainLoop(backend="select", notifier="eventfd") as loop:
+        fd = loop.notifier.write_fd
+        for way, notify in (("os.write", None),
+                            ("write keeping the GIL", lambda: libc_with_gil.write(fd, one, 8))):
+            r = wake_latency(loop, count, warmup=3, busy_after_notify_s=busy_s, notify=notify,
+                             wait_until_asleep=True)
+            r["under_interval"] = sum(1 for x in r["samples_us"] if x < interval_us)
+            r["samples_us"] = [round(x, 3) for x in r["samples_us"]]
+            ways[way] = r
+    return {"switch_interval_s": sys.getswitchinterval(), "busy_s": busy_s, "count": count,
+            "ways": ways}
 
 
 def run(quick: bool = False, progress=None, count: int | None = None,
