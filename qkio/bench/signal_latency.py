@@ -45,8 +45,10 @@ thread, a mutex dropped around the wait, and the same three paths
 pipe; for ``async``, a handler that sets a flag and a ``pselect()`` that
 unblocks SIGUSR2 only while waiting).  The sender above is the same for
 both, so the difference is the VMM side: what the mechanism costs in C, and
-what Python adds.  qkio's child and the C child run **interleaved**, in
-``rounds`` chunks per path, so a change in the machine's load hits both;
+what Python adds.  Everything runs **interleaved**: ``rounds`` rounds, each
+running every path, qkio's child then the C child, so a change in the
+machine's load hits all of them; each path's ``round_p50_us`` lists its
+median in each round, the run's own spread;
 ``c_reference`` has the C child's figures (same keys as ``paths``) and
 ``ratios`` qkio p50 / C p50, over all samples and per round.
 """
@@ -168,6 +170,9 @@ def _merge(parts: list[dict], samples: bool) -> dict:
         "handled": sum(p["handled"] for p in parts),
         "path": parts[0]["path"],
         "threads": max(p["threads"] for p in parts),
+        # Each round's median: how far the same path moved within this run,
+        # the spread a comparison between paths must exceed (stats.verdict).
+        "round_p50_us": [p["latency_us"]["p50"] for p in parts],
     }
     if samples:
         out["samples_us"] = lat
@@ -176,7 +181,7 @@ def _merge(parts: list[dict], samples: bool) -> dict:
 
 def run(quick: bool = False, progress=None, count: int | None = None,
         samples: bool = False, rounds: int | None = None, c_reference: bool = True) -> dict:
-    """Per path, ``rounds`` alternating chunks: qkio's child, then the C reference's.
+    """``rounds`` rounds; in each, every path in turn, qkio's child then the C reference's.
 
     ``paths[method]`` is qkio's (all chunks together), ``c_reference[method]``
     the C child's, ``ratios[method]`` qkio p50 / C p50 (over all samples and
@@ -189,14 +194,19 @@ def run(quick: bool = False, progress=None, count: int | None = None,
         result["c_reference"] = {}
         result["ratios"] = {}
     impls = ("qkio", "c") if c_reference else ("qkio",)
-    for method in METHODS:
-        chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
-        parts: dict[str, list[dict]] = {impl: [] for impl in impls}
-        for i, n in enumerate(chunks):
+    chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
+    # Rounds outside, paths inside: every round runs every path and both
+    # implementations, so a change in the host's load hits all of them alike
+    # and the paths can be compared with each other, not only with C.
+    all_parts = {method: {impl: [] for impl in impls} for method in METHODS}
+    for i, n in enumerate(chunks):
+        for method in METHODS:
             for impl in impls:
                 if progress:
-                    progress(f"{method}: round {i + 1}/{rounds}, {n} signals to {impl}")
-                parts[impl].append(measure(method, n, samples=True, impl=impl))
+                    progress(f"round {i + 1}/{rounds}: {n} signals to {impl} ({method})")
+                all_parts[method][impl].append(measure(method, n, samples=True, impl=impl))
+    for method in METHODS:
+        parts = all_parts[method]
         result["paths"][method] = _merge(parts["qkio"], samples)
         if c_reference:
             result["c_reference"][method] = _merge(parts["c"], samples)

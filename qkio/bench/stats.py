@@ -75,3 +75,30 @@ def host_steal_ms() -> float | None:
 
 def steal_between(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else round(after - before, 1)
+
+
+def verdict(a: str, a_result: dict, b: str, b_result: dict, unit: str = "µs") -> dict:
+    """Compare two results of one interleaved run; name a winner only if the data allow it.
+
+    Each result has ``latency_us`` (a :func:`summarize` dict) and
+    ``round_p50_us`` (its median in each round of the run).  The run's own
+    spread is the wider of the two ranges of per-round medians: how far a
+    median moved from one round to the next with nothing changed but the
+    host.  The lower median wins only when the two medians differ by more
+    than that spread; otherwise the two are indistinguishable in this run.
+    Returns ``{"winner": name or None, "diff", "spread", "text"}``; the text
+    is a sentence fragment, in Markdown, with the figures.
+    """
+    pa, pb = a_result["latency_us"]["p50"], b_result["latency_us"]["p50"]
+    spread = max(max(r["round_p50_us"]) - min(r["round_p50_us"]) for r in (a_result, b_result))
+    diff = abs(pa - pb)
+    figures = (f"`{a}` {pa:.1f} {unit}, `{b}` {pb:.1f} {unit} at the median; the medians of "
+               f"single rounds moved by up to {spread:.1f} {unit}")
+    if diff > spread:
+        winner, loser = (a, b) if pa < pb else (b, a)
+        text = (f"`{winner}` was faster than `{loser}` by {diff:.1f} {unit}, more than the "
+                f"run's own spread ({figures})")
+    else:
+        winner = None
+        text = f"`{a}` and `{b}` were indistinguishable here ({figures})"
+    return {"winner": winner, "diff": round(diff, 3), "spread": round(spread, 3), "text": text}
