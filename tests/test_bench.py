@@ -188,3 +188,48 @@ def test_cli_writes_json(tmp_path):
     for key in ("kernel", "cpu_model", "python", "kvm_modules"):
         assert key in data["machine"]
     assert data["results"]["wakeup"]["kinds"]["eventfd"]["wakeups"] >= 1000
+
+
+def test_verdict_names_a_winner_only_beyond_the_spread():
+    def result(p50, rounds):
+        return {"latency_us": {"p50": p50}, "round_p50_us": rounds}
+
+    clear = stats.verdict("a", result(10.0, [9.0, 11.0]), "b", result(20.0, [19.0, 21.0]))
+    assert clear["winner"] == "a" and clear["spread"] == 2.0 and "faster" in clear["text"]
+    close = stats.verdict("a", result(10.0, [5.0, 15.0]), "b", result(12.0, [11.0, 13.0]))
+    assert close["winner"] is None and "indistinguishable here" in close["text"]
+    reverse = stats.verdict("a", result(30.0, [30.0]), "b", result(20.0, [20.0]))
+    assert reverse["winner"] == "b"
+
+
+def test_runs_keep_each_rounds_median():
+    r = bench.benchmark("wakeup").run(count=20, rounds=2)
+    for kind in ("eventfd", "pipe"):
+        for side in (r["kinds"], r["c_reference"]):
+            assert len(side[kind]["round_p50_us"]) == 2
+
+
+def test_busy_notifier_keeping_the_gil_waits_a_switch_interval():
+    # A law of CPython's GIL, so it holds on a loaded host; run in a fresh
+    # interpreter, where no third thread can make the sender let go early.
+    code = ("import json, sys; from qkio.bench import wakeup; "
+            "json.dump(wakeup.busy_notifier(count=5, busy_s=0.02), sys.stdout)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    kept = data["ways"]["write keeping the GIL"]
+    assert kept["wakeups"] >= 5 and kept["under_interval"] == 0
+    assert kept["latency_us"]["min"] >= data["switch_interval_s"] * 1e6
+    assert data["ways"]["os.write"]["wakeups"] >= 5
+
+
+@needs_kvm
+@needs_tools
+def test_guest_rate_counts_guest_instructions_without_exits():
+    from qkio.bench import guest_rate
+
+    r = guest_rate.run(n=20_000, host_n=2_000_000, rounds=1)
+    assert r["exits"] == [1, 1]   # only the isa-debug-exit write, with and without the loop
+    for key in ("guest_ips", "host_ips", "host_over_guest"):
+        well_formed(r[key], 1)
+        assert r[key]["min"] > 0
