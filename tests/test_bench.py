@@ -223,7 +223,7 @@ def test_busy_notifier_keeping_the_gil_waits_a_switch_interval():
     assert data["ways"]["os.write"]["wakeups"] >= 5
 
 
-@needs_kvm
+@pytest.mark.kvm
 @needs_tools
 def test_guest_rate_counts_guest_instructions_without_exits():
     from qkio.bench import guest_rate
