@@ -43,6 +43,7 @@ from .stats import host_steal_ms, steal_between
 
 #: Benchmark name -> its module (imported when first used).
 BENCHMARKS = {"signal": "signal_latency", "wakeup": "wakeup", "wait": "wait", "pio": "pio",
+              "startup": "startup",
               "ioeventfd": "ioeventfd", "serial": "serial_throughput"}
 
 
