@@ -42,7 +42,9 @@ from __future__ import annotations
 import threading
 import time
 from threading import get_ident
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs start-up time (qkio.record); annotations are strings here
+    from typing import Any
 
 from qkio import trace
 

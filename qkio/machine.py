@@ -67,6 +67,13 @@ class Machine:
     ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
     ``"python"``, or None for native when it can be built.
     ``console``: called with each chunk the UART transmits (default: stdout).
+    ``pit``: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.
+    Off by default: no qkio guest programs the timer, and the PIT is a
+    kernel worker thread (``kvm-pit/<pid>``) that KVM starts when the PIT is
+    created and stops when the VM is destroyed -- on this book's host that
+    stop alone takes longer than the rest of a whole run's teardown (see
+    ``qkio bench startup``).  Without it, the PIT's ports are ports nobody
+    owns: writes are dropped, reads return all ones.
     """
 
     def __init__(self, *, memory_mib: int = 32, smp: int = 1, signals: str | None = None,
@@ -74,7 +81,7 @@ class Machine:
                  exit_path: str | None = None, console=None, tracer: _trace.Tracer | None = None,
                  force_signalfd_failure: bool = False, log=None,
                  drives: list[tuple[str, bool, bytes]] | None = None, virtio_notify: str = "vcpu",
-                 virtio_aio: str = "sync"):
+                 virtio_aio: str = "sync", pit: bool = False):
         if not 1 <= smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {smp}")
         if not 1 <= memory_mib <= 3072:
@@ -93,7 +100,7 @@ class Machine:
         self._irq_levels: dict[int, int] = {}
         try:
             self._build(memory_mib, smp, signals, notify, backend, kick, exit_path, console,
-                        force_signalfd_failure)
+                        force_signalfd_failure, pit)
             if drives:
                 from .virtio.board import VirtioBoard
                 self.virtio = VirtioBoard(self, drives, notify=virtio_notify, aio=virtio_aio)
@@ -102,7 +109,7 @@ class Machine:
             raise
 
     def _build(self, memory_mib, smp, signals, notify, backend, kick, exit_path, console,
-               force_sfd_fail):
+               force_sfd_fail, pit):
         install_sig_ipi_handler()
         if signals is not None:
             # No-op in `qkio run`, which blocked them before any thread existed;
@@ -114,7 +121,9 @@ class Machine:
         vm.set_tss_addr(TSS_ADDR)
         vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
         vm.create_irqchip()
-        vm.create_pit2()
+        if pit:
+            vm.create_pit2()
+        self.pit = pit
         self.ram_size = memory_mib << 20
         self.memory = GuestMemory(self.ram_size)
         vm.set_user_memory_region(0, 0, self.memory)

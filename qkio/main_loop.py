@@ -64,8 +64,7 @@ import itertools
 import select
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
 
 from qkio import trace
 from qkio.bql import GlobalMutex
@@ -73,20 +72,36 @@ from qkio.notify import EventNotifier
 
 __all__ = ["IOHandlerRecord", "QEMUTimer", "QEMUBH", "MainLoop", "BACKENDS", "make_backend"]
 
-IOHandler = Callable[[Any], Any]
-IOCanReadHandler = Callable[[Any], int]
+# Names for annotations only: ``typing`` is not imported at run time, since
+# ``qkio run`` would pay for it at start-up (see qkio.record), and with
+# ``from __future__ import annotations`` no annotation is ever evaluated.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+    IOHandler = Callable[[Any], Any]
+    IOCanReadHandler = Callable[[Any], int]
 
 
-@dataclass
 class IOHandlerRecord:
-    """One fd's entry in the handler registry (vl.c ``IOHandlerRecord``)."""
+    """One fd's entry in the handler registry (vl.c ``IOHandlerRecord``).
 
-    fd: int
-    fd_read_poll: IOCanReadHandler | None
-    fd_read: IOHandler | None
-    fd_write: IOHandler | None
-    opaque: Any
-    deleted: bool = False
+    A class with slots (the loop reads these fields on every pass), not a
+    dataclass (start-up time: see :mod:`qkio.record`)."""
+
+    __slots__ = ("fd", "fd_read_poll", "fd_read", "fd_write", "opaque", "deleted")
+
+    def __init__(self, fd: int, fd_read_poll: IOCanReadHandler | None, fd_read: IOHandler | None,
+                 fd_write: IOHandler | None, opaque: Any, deleted: bool = False) -> None:
+        self.fd = fd
+        self.fd_read_poll = fd_read_poll
+        self.fd_read = fd_read
+        self.fd_write = fd_write
+        self.opaque = opaque
+        self.deleted = deleted
+
+    def __repr__(self) -> str:
+        return ("IOHandlerRecord(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+                + ")")
 
 
 # --- wait backends -----------------------------------------------------------

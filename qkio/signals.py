@@ -83,8 +83,7 @@ import os
 import signal
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from qkio import trace
 from qkio.threads import start_thread
@@ -127,24 +126,43 @@ _SSI = struct.Struct("=IiiIIiIIIIiiQQQQ")
 _READ_BATCH = 64  # records per read(); signalfd returns as many as fit
 
 
-@dataclass(frozen=True)
 class SigInfo:
     """One received signal, from a ``signalfd_siginfo``-shaped record.
 
     ``path`` says how it came: ``"signalfd"``, ``"thread"`` or ``"async"``.
     ``value`` is ``ssi_int`` (the ``sigqueue`` value).  For ``"async"`` only
     ``signo`` is known: Python handlers are not given a siginfo.
+
+    A plain class with slots rather than a dataclass: one is made per
+    signal, in the io thread, and ``dataclasses`` costs start-up time
+    (see :mod:`qkio.record`).  Compared by value, like a dataclass.
     """
 
-    signo: int
-    code: int = 0
-    pid: int = 0
-    uid: int = 0
-    errno: int = 0
-    status: int = 0
-    band: int = 0
-    value: int = 0
-    path: str = ""
+    __slots__ = ("signo", "code", "pid", "uid", "errno", "status", "band", "value", "path")
+
+    def __init__(self, signo: int, code: int = 0, pid: int = 0, uid: int = 0, errno: int = 0,
+                 status: int = 0, band: int = 0, value: int = 0, path: str = "") -> None:
+        self.signo = signo
+        self.code = code
+        self.pid = pid
+        self.uid = uid
+        self.errno = errno
+        self.status = status
+        self.band = band
+        self.value = value
+        self.path = path
+
+    def _astuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "SigInfo(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+
+    def __eq__(self, other):
+        return self._astuple() == other._astuple() if type(other) is SigInfo else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._astuple())
 
     @property
     def name(self) -> str:

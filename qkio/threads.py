@@ -25,7 +25,11 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs start-up time (qkio.record); annotations are strings here
+    from typing import Any
 
 from qkio import trace
 from qkio.libc import libc as _libc

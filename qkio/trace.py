@@ -66,11 +66,14 @@ the event on a track.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs start-up time (qkio.record); annotations are strings here
+    from typing import Any
 
 __all__ = ["Tracer", "default", "note_thread_name"]
 
@@ -236,6 +239,7 @@ class Tracer:
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_chrome_json()`` to ``path``; open it in ui.perfetto.dev."""
         with open(path, "w", encoding="utf-8") as f:
+            import json  # here: only a traced run pays for importing it
             json.dump(self.to_chrome_json(), f)
 
 

@@ -19,9 +19,9 @@ x86.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from ..errors import BadKernel
+from ..record import Record
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -50,8 +50,7 @@ _PHDR64 = struct.Struct("<IIQQQQQQ")  # type flags offset vaddr paddr filesz mem
 _EI_NIDENT = 16
 
 
-@dataclass(frozen=True)
-class ProgramHeader:
+class ProgramHeader(Record):
     type: int
     flags: int
     offset: int
@@ -66,8 +65,7 @@ class ProgramHeader:
         return image[self.offset:self.offset + self.filesz]
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(Record):
     elf_class: int  # 32 or 64
     type: int
     machine: int

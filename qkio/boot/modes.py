@@ -40,7 +40,10 @@ same selectors QEMU's Multiboot option ROM uses -- and 0x18 is 64-bit code.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from collections.abc import Mapping
+
+from ..record import Record
 
 # --- The layout ------------------------------------------------------------
 
@@ -85,8 +88,7 @@ ENTRIES_PER_TABLE = 512
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "rip", "rflags")
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(Record):
     """One segment register as KVM's ``struct kvm_segment`` sees it.
 
     ``limit`` is the effective limit in bytes, as in ``kvm_segment``: with
@@ -169,8 +171,7 @@ class Segment:
         )
 
 
-@dataclass(frozen=True)
-class CpuState:
+class CpuState(Record):
     """Everything a vCPU needs besides memory to start running a guest.
 
     ``gdt`` and ``idt`` are ``(base, limit)`` as loaded by LGDT/LIDT.
@@ -191,7 +192,7 @@ class CpuState:
     cr3: int
     cr4: int
     efer: int
-    regs: dict[str, int] = field(default_factory=dict)
+    regs: Mapping[str, int] = MappingProxyType({})  # copied into a dict of its own
 
     def __post_init__(self):
         if self.mode not in ("real", "protected", "long"):
@@ -215,7 +216,7 @@ class CpuState:
 
     def with_regs(self, **regs: int) -> "CpuState":
         """A copy with some general registers replaced."""
-        return replace(self, regs={**self.regs, **regs})
+        return self._replace(regs={**self.regs, **regs})
 
 
 Write = tuple[int, bytes]

@@ -48,10 +48,10 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import BadKernel, GuestMemoryError
+from ..record import Record
 from . import elf
 from .modes import GDT_BASE, CpuState, apply_writes, flat_gdt, protected_mode_state
 
@@ -118,8 +118,7 @@ def _page_align(n: int) -> int:
 
 # --- The header --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MultibootHeader:
+class MultibootHeader(Record):
     """The kernel's Multiboot header; address fields only mean something with
     the a.out kludge flag (bit 16)."""
 
@@ -190,8 +189,7 @@ def is_multiboot(image: bytes) -> bool:
 
 # --- Turning the image into bytes at an address ------------------------------
 
-@dataclass(frozen=True)
-class _KernelImage:
+class _KernelImage(Record):
     """Where a kernel goes and what to copy there, not yet copied anywhere.
 
     ``size`` is the whole memory image, BSS included; ``pieces`` are file
@@ -272,8 +270,7 @@ def _kernel_from_elf(image: bytes) -> _KernelImage:
 
 # --- The memory map ------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(Record):
     base: int
     length: int
     type: int  # MMAP_TYPE_RAM or MMAP_TYPE_RESERVED
@@ -361,16 +358,14 @@ def _c_string(text: str, what: str) -> bytes:
 
 # --- The result ------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Module:
+class Module(Record):
     start: int
     end: int  # one past the last byte, as QEMU writes mod_end
     cmdline_addr: int
     cmdline: str
 
 
-@dataclass(frozen=True)
-class MultibootBoot:
+class MultibootBoot(Record):
     """A loaded Multiboot kernel, ready to run.
 
     ``writes`` have already been applied to guest memory; they are kept so

@@ -23,7 +23,7 @@ on.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 #: Where qkio puts the device, as ``-device isa-debug-exit,iobase=0xf4,iosize=0x04``.
 ISA_DEBUG_EXIT_IOBASE = 0xF4

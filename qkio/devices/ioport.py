@@ -35,7 +35,16 @@ Python in qkio after the ``KVM_RUN`` loop itself.  The design follows from that:
 from __future__ import annotations
 
 import sys
-from typing import Callable, Protocol
+from collections.abc import Callable
+
+# typing only for the type checker: importing it costs `qkio run` start-up
+# time (see qkio.record).  At run time PortDevice is a plain class that
+# documents the interface; no device inherits from it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object
 
 from qkio.errors import QkioError
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import bisect
 import struct
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from qkio.devices.ioport import PortDevice
 from qkio.errors import QkioError

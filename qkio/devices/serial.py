@@ -73,7 +73,7 @@ that has no real lines.  The character timeout needs a clock; see
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 # -- register bits (the names are Linux's and QEMU's) ---------------------------
 
