@@ -25,9 +25,10 @@ Each module's docstring says exactly how it measures.
 =============  ==========================================================
 
 ``--quick`` runs each in a few seconds (what the book uses); the numbers
-are then indicative only.  This machine's KVM may be an interpreter
-(kvm_pvm), and the cores are shared: absolute numbers move with the load,
-which is why comparisons are interleaved in the same run.
+are then indicative only.  A host's KVM may run guest code far slower than
+its CPU runs the same code (``qkio.bench.guest_rate`` measures by how much),
+and the cores are shared: absolute numbers move with the load, which is why
+comparisons are interleaved in the same run.
 """
 
 from __future__ import annotations
