@@ -26,11 +26,9 @@ trace as ``lock waited for``, with the waiting and the holding thread.
 
 The native exit loop (``qkio/native/cpu_exec.c``) takes and releases this
 lock too, once per guest exit, by repeating :meth:`GlobalMutex.lock`'s and
-:meth:`GlobalMutex.unlock`'s fast paths in C: it stores ``_owner``, takes
-and drops ``_lock`` directly when that is the native ``QemuMutex`` (through
-``_acquire``/``_release`` otherwise), and calls ``_lock_contended`` when the
-non-blocking acquire fails.  Those five names are this class's contract with
-that file; change them together.
+:meth:`GlobalMutex.unlock`'s fast paths in C.  Its contract with this class
+is three public names, documented on both sides (see :class:`GlobalMutex`):
+``raw_lock``, ``owner`` and :meth:`GlobalMutex.lock_contended`.
 
 Fairness: neither a pthread mutex nor Python's lock is fair.  A thread that
 unlocks and immediately locks again (a vCPU thread looping on fast exits) can
@@ -63,19 +61,35 @@ def _raw_lock():
 
 
 class GlobalMutex:
-    """qemu-kvm's ``qemu_mutex``: ``lock()``, ``unlock()``, ``with``, ``held_by_me()``."""
+    """qemu-kvm's ``qemu_mutex``: ``lock()``, ``unlock()``, ``with``, ``held_by_me()``.
 
-    # Slots, not a __dict__: ``_owner`` is written twice per guest exit, by
+    The contract with the native exit loop (``qkio/native/cpu_exec.c``), which
+    drops and retakes this lock around every ``KVM_RUN`` without calling
+    :meth:`lock`/:meth:`unlock`:
+
+    ``raw_lock``
+        the plain lock underneath (a ``QemuMutex`` when :mod:`qkio.native` is
+        built, else a ``threading.Lock``): ``acquire(blocking)``, ``release()``.
+    ``owner``
+        ``threading.get_ident()`` of the holder, None when free.  Whoever takes
+        ``raw_lock`` sets it after; whoever releases clears it first.
+    :meth:`lock_contended`
+        called, holding the GIL and not ``raw_lock``, when a non-blocking
+        acquire failed: blocks until the lock is taken (GIL released) and
+        records the wait in the trace.  The caller then sets ``owner``.
+    """
+
+    # Slots, not a __dict__: ``owner`` is written twice per guest exit, by
     # the Python loop and by the native one (which goes through the generic
     # attribute protocol); a slot store is a pointer write, a dict store a
     # hash-table update -- measurably slower on the per-exit path.
-    __slots__ = ("_lock", "_acquire", "_release", "_owner", "name", "tracer")
+    __slots__ = ("raw_lock", "_acquire", "_release", "owner", "name", "tracer")
 
     def __init__(self, tracer: trace.Tracer | None = None, name: str = "qemu_mutex") -> None:
-        self._lock = _raw_lock()
-        self._acquire = self._lock.acquire
-        self._release = self._lock.release
-        self._owner: int | None = None  # threading.get_ident() of the holder
+        self.raw_lock = _raw_lock()
+        self._acquire = self.raw_lock.acquire
+        self._release = self.raw_lock.release
+        self.owner: int | None = None  # threading.get_ident() of the holder
         self.name = name
         self.tracer = tracer if tracer is not None else trace.default
 
@@ -87,11 +101,11 @@ class GlobalMutex:
     def lock(self) -> None:
         """Take the lock, blocking if another thread holds it."""
         if not self._acquire(False):
-            self._lock_contended()
-        self._owner = get_ident()
+            self.lock_contended()
+        self.owner = get_ident()
 
-    def _lock_contended(self) -> None:
-        holder = self._owner
+    def lock_contended(self) -> None:
+        holder = self.owner
         if holder == get_ident():
             raise RuntimeError(f"{self.name} is not recursive and this thread holds it")
         holder_thread = threading._active.get(holder) if holder is not None else None
@@ -102,18 +116,18 @@ class GlobalMutex:
 
     def unlock(self) -> None:
         """Release the lock; only the holder may."""
-        if self._owner != get_ident():
+        if self.owner != get_ident():
             raise RuntimeError(f"{self.name} released by a thread that does not hold it")
-        self._owner = None
+        self.owner = None
         self._release()
 
     def held_by_me(self) -> bool:
         """True if the calling thread holds the lock."""
-        return self._owner == threading.get_ident()
+        return self.owner == threading.get_ident()
 
     def locked(self) -> bool:
         """True if any thread holds the lock (a snapshot, for tests and asserts)."""
-        return self._lock.locked()
+        return self.raw_lock.locked()
 
     def __enter__(self) -> "GlobalMutex":
         self.lock()

@@ -60,30 +60,28 @@ from __future__ import annotations
 
 import array
 import collections
-import ctypes
 import errno
 import signal
-import struct
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import native
-from .errors import GuestFailure, KvmError, QkioError
-from .kvm.constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
-from .kvm.ioctl import KVM_RUN, libc_ioctl
-from .kvm.structs import kvm_run, kvm_run_exit, kvm_run_io
+from . import trace as _trace
+from .errors import GuestFailure, QkioError
+from .kvm.constants import ExitReason
+from .kvm.exits import EXIT_AGAIN, exit_name, handle_io, reason_for_errno
 from .threads import gettid, start_thread
+
+if TYPE_CHECKING:
+    from .bql import GlobalMutex
+    from .devices.ioport import PortBus
+    from .kvm.vcpu import Vcpu
 
 SIG_IPI = signal.SIGUSR1
 KICK_STYLES = ("immediate_exit", "signal_mask")
 EXIT_PATHS = ("native", "python")
 
-#: ``KVM_RUN`` failing with EAGAIN is not an error.  An application
-#: processor starts in the "wait for SIPI" state (KVM_MP_STATE_UNINITIALIZED);
-#: its ``KVM_RUN`` sleeps in the kernel until an INIT or SIPI arrives, and then
-#: returns -EAGAIN instead of entering the guest, so that userspace can look at
-#: the new state first.  QEMU's ``kvm_cpu_exec`` treats it like EINTR ("io
-#: window exit") and simply calls ``KVM_RUN`` again; so does qkio.
-EXIT_AGAIN = -1  # not a KVM exit reason: "KVM_RUN returned EAGAIN"
 _EXIT_IO = int(ExitReason.IO)      # plain ints: compared on every exit
 _EXIT_INTR = int(ExitReason.INTR)
 
@@ -129,22 +127,40 @@ class _Work:
         self.fn, self.done, self.result, self.error = fn, threading.Event(), None, None
 
 
-class CpuThread:
-    """A vCPU and the thread that runs it (qemu-kvm's ``ap_main_loop``)."""
+#: ``on_exit(cpu, reason)``: every exit the loop does not handle itself (it
+#: handles port I/O, kicks and EAGAIN), with the lock held; may raise GuestFailure.
+ExitHandler = Callable[["CpuThread", int], None]
+#: ``on_failure(cpu, failure)``: the run cannot go on (a GuestFailure, or a device bug).
+FailureHandler = Callable[["CpuThread", GuestFailure], None]
 
-    def __init__(self, machine, vcpu, kick: str = "immediate_exit", exit_path: str | None = None):
+
+class CpuThread:
+    """A vCPU and the thread that runs it (qemu-kvm's ``ap_main_loop``).
+
+    It is given what it uses, not the machine: the ``vcpu``, the global
+    ``lock`` (``qemu_mutex``), the port ``bus`` its port-I/O exits go to,
+    ``on_exit`` for every other exit and ``on_failure`` for one that ends the
+    run (:class:`qkio.machine.Machine` passes its ``handle_exit`` and
+    ``guest_failed``).
+    """
+
+    def __init__(self, vcpu: Vcpu, *, lock: GlobalMutex, bus: PortBus, on_exit: ExitHandler,
+                 on_failure: FailureHandler, tracer: _trace.Tracer | None = None,
+                 kick: str = "immediate_exit", exit_path: str | None = None):
         if kick not in KICK_STYLES:
             raise ValueError(f"kick style must be one of {KICK_STYLES}, not {kick!r}")
         self._native = choose_exit_path(exit_path)
         #: ``"native"`` (the C port-I/O loop of :mod:`qkio.native`) or ``"python"``.
         self.exit_path = "python" if self._native is None else "native"
-        self.machine = machine
         self.vcpu = vcpu
         self.index = vcpu.id
         self.kick_style = kick
         self.name = f"CPU {vcpu.id}/KVM"  # QEMU's thread name
-        self.lock = machine.lock
-        self.tracer = machine.tracer
+        self.lock = lock
+        self.bus = bus
+        self.on_exit = on_exit
+        self.on_failure = on_failure
+        self.tracer = tracer if tracer is not None else _trace.default
         self.thread: threading.Thread | None = None
         self.tid: int | None = None
         # Exits by reason, one slot per reason: a list index is the cheapest
@@ -186,9 +202,9 @@ class CpuThread:
         try:
             self._cpu_loop()
         except GuestFailure as failure:
-            self.machine.guest_failed(self, failure)
+            self.on_failure(self, failure)
         except BaseException as exc:  # a bug in a device model: end the run, say where
-            self.machine.guest_failed(self, GuestFailure(
+            self.on_failure(self, GuestFailure(
                 f"vCPU {self.index}: internal error handling exit {self.last_exit}: "
                 f"{type(exc).__name__}: {exc}"))
         finally:
@@ -201,9 +217,9 @@ class CpuThread:
 
         This loop runs once per guest exit -- 100,000 times a second on a
         fast host -- so it is written for that: everything it touches is
-        bound to a local first, ``KVM_RUN`` is issued directly rather than
-        through :meth:`Vcpu.run` (same call, one Python frame less), and the
-        commonest exit, port I/O, is dispatched before anything else.
+        bound to a local first, and the commonest exit, port I/O, is
+        dispatched before anything else (:func:`qkio.kvm.exits.handle_io`,
+        straight from the ``kvm_run`` page).
 
         With the native loop (:mod:`qkio.native`, ``exit_path="native"``), the
         first four steps -- drop the lock, ``KVM_RUN``, retake the lock,
@@ -213,14 +229,13 @@ class CpuThread:
         Python path.  With tracing on, every ``KVM_RUN`` goes through
         :meth:`_run_traced` instead, so that each one is in the trace.
         """
-        vcpu, lock, tracer, machine = self.vcpu, self.lock, self.tracer, self.machine
-        run, page, bus = vcpu.kvm_run, vcpu.run_page, machine.bus
-        fd, kvm_run_ioctl, get_errno = vcpu.fd, libc_ioctl, ctypes.get_errno
+        vcpu, lock, tracer, bus = self.vcpu, self.lock, self.tracer, self.bus
+        page, fd, vcpu_run = vcpu.run_page, vcpu.fd, vcpu.run
         unlock, relock = lock.unlock, lock.lock
-        handle = machine.handle_exit
+        handle = self.on_exit
         tally = self._tally
         native_run = self._native.run if self._native is not None else None
-        slots, native_io = bus._slots, self._native_io_exits
+        table, native_io = bus.table, self._native_io_exits
         while True:
             if self._pending:
                 self._pending = False  # before reading the requests (module comment)
@@ -230,14 +245,12 @@ class CpuThread:
                 reason = self._run_traced()
             elif native_run is not None:
                 self.last_exit = _EXIT_IO  # what it was handling if a device raises
-                ret = native_run(fd, page, lock, slots, native_io)
-                reason = ret if ret >= 0 else self._run_failed(-ret)
+                ret = native_run(fd, page, lock, table, native_io)
+                reason = ret if ret >= 0 else reason_for_errno(-ret)
             else:
                 unlock()  # pre_kvm_run: the guest runs without the lock
-                ret = kvm_run_ioctl(fd, KVM_RUN, 0)
-                err = get_errno() if ret < 0 else 0
+                reason = vcpu_run()  # a KvmError leaves without the lock: _thread_main copes
                 relock()  # post_kvm_run: exits are handled with it
-                reason = run.exit_reason if ret >= 0 else self._run_failed(err)
             self.last_exit = reason  # named in the message if a device model raises
             if reason == _EXIT_IO:
                 tally[_EXIT_IO] += 1
@@ -248,7 +261,7 @@ class CpuThread:
             if 0 <= reason < len(tally):
                 tally[reason] += 1
             if reason == _EXIT_INTR:
-                self._kicked(run)
+                self._kicked()
             else:
                 handle(self, reason)
 
@@ -261,40 +274,29 @@ class CpuThread:
         return collections.Counter({names.get(reason, reason): n
                                     for reason, n in enumerate(tally) if n})
 
-    def _run_failed(self, err: int):
-        """``KVM_RUN`` returned -1: a kick (EINTR), an AP woken by INIT (EAGAIN), or an error."""
-        if err == errno.EINTR:
-            return _EXIT_INTR
-        if err == errno.EAGAIN:
-            return EXIT_AGAIN  # an AP that got INIT while waiting to start; see EXIT_AGAIN
-        raise KvmError("KVM_RUN", err)
-
-    def _run_traced(self):
+    def _run_traced(self) -> int:
         """One ``KVM_RUN`` with the lock dropped, recorded as a ``KVM_RUN`` slice."""
         self.lock.unlock()
         self.tracer.begin("KVM_RUN", cpu=self.index)
-        ret = libc_ioctl(self.vcpu.fd, KVM_RUN, 0)
-        err = ctypes.get_errno() if ret < 0 else 0
-        if ret >= 0:
-            reason = self.vcpu.kvm_run.exit_reason
-            known = ExitReason._value2member_map_.get(reason)
-            name = known.name if known is not None else str(reason)
-        else:
-            reason = {errno.EINTR: _EXIT_INTR, errno.EAGAIN: EXIT_AGAIN}.get(err)
-            name = {errno.EINTR: "INTR", errno.EAGAIN: "EAGAIN"}.get(err) or errno.errorcode.get(err, str(err))
-        self.tracer.end("KVM_RUN", exit_reason=name)
-        self.lock.lock()
-        if reason is None:
-            raise KvmError("KVM_RUN", err)
+        name = "error"
+        try:
+            reason = self.vcpu.run()
+            name = exit_name(reason)
+        except OSError as e:
+            name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno is not None else "error"
+            raise
+        finally:
+            self.tracer.end("KVM_RUN", exit_reason=name)
+            self.lock.lock()
         return reason
 
-    def _kicked(self, run) -> None:
+    def _kicked(self) -> None:
         """After EINTR: clear the kick state before looking at the requests."""
         self.kicks_received += 1
         if self.tracer.enabled:
             self.tracer.instant("kick received", cpu=self.index)
         if self.kick_style == "immediate_exit":
-            run.immediate_exit = 0
+            self.vcpu.immediate_exit = 0
         else:
             # qemu-kvm's kvm_main_loop_wait / QEMU's kvm_eat_signals: take the
             # pending SIG_IPI so it does not end the next KVM_RUN too.
@@ -331,7 +333,7 @@ class CpuThread:
         if self.thread is None or self.finished.is_set():
             return
         if self.kick_style == "immediate_exit":
-            self.vcpu.kvm_run.immediate_exit = 1
+            self.vcpu.immediate_exit = 1
         self.kicks_sent += 1
         if self.tracer.enabled:
             self.tracer.instant("kick sent", target=self.name)
@@ -404,62 +406,3 @@ class CpuThread:
                 return False
         self.thread.join(timeout)
         return not self.thread.is_alive()
-
-
-# KVM_EXIT_IO's five fields (``struct kvm_run.io``: u8 direction, u8 size,
-# u16 port, u32 count, u64 data_offset) and where they sit in the kvm_run page.
-_IO_FIELDS = struct.Struct("=BBHIQ")
-_IO_AT = kvm_run.exit.offset + kvm_run_exit.io.offset
-assert _IO_FIELDS.size == ctypes.sizeof(kvm_run_io)
-_OUT = kvm_run_io.KVM_EXIT_IO_OUT
-
-
-def handle_io(bus, data, _unpack=_IO_FIELDS.unpack_from) -> None:
-    """KVM_EXIT_IO: carry ``count`` accesses of ``size`` bytes between ``data`` and the port bus.
-
-    ``data`` is the mmap'ed kvm_run page; the bytes sit at ``data_offset`` in it.
-
-    This runs once per port access the guest makes -- the exit ``qkio bench pio``
-    times -- so it reads the five fields with one ``unpack_from`` on the page
-    rather than through the ctypes view (``run.exit.io`` builds two ctypes
-    objects per exit, then one more call per field), and the usual case, a
-    single access (``count == 1``; only ``rep outs``/``rep ins`` give more),
-    takes the short branch.
-    """
-    direction, size, port, count, offset = _unpack(data, _IO_AT)
-    if count == 1:
-        if direction == _OUT:
-            bus.write(port, size, data[offset] if size == 1
-                      else int.from_bytes(data[offset:offset + size], "little"))
-        else:
-            data[offset:offset + size] = bus.read(port, size).to_bytes(size, "little")
-        return
-    if direction == _OUT:
-        for i in range(count):
-            start = offset + i * size
-            bus.write(port, size, int.from_bytes(data[start:start + size], "little"))
-    else:
-        for i in range(count):
-            start = offset + i * size
-            data[start:start + size] = bus.read(port, size).to_bytes(size, "little")
-
-
-def describe_failure(vcpu, reason: int) -> str:
-    """A one-line message for an exit that ends the run, naming it and the guest's RIP."""
-    run = vcpu.kvm_run
-    try:
-        rip = vcpu.get_regs().rip
-        where = f"at RIP={rip:#x}"
-    except Exception:  # the vCPU may be in no state to answer
-        where = "(RIP unavailable)"
-    if reason == ExitReason.SHUTDOWN:
-        return f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU {vcpu.id} {where}"
-    if reason == ExitReason.INTERNAL_ERROR:
-        sub = run.exit.internal.suberror
-        what = "emulation failure" if sub == KVM_INTERNAL_ERROR_EMULATION else f"suberror {sub}"
-        return f"KVM internal error: {what} (KVM_EXIT_INTERNAL_ERROR) on vCPU {vcpu.id} {where}"
-    if reason == ExitReason.FAIL_ENTRY:
-        hw = run.exit.fail_entry.hardware_entry_failure_reason
-        return f"VM entry failed, hardware reason {hw:#x} (KVM_EXIT_FAIL_ENTRY) on vCPU {vcpu.id} {where}"
-    name = ExitReason(reason).name if reason in ExitReason._value2member_map_ else str(reason)
-    return f"unexpected exit KVM_EXIT_{name} on vCPU {vcpu.id} {where}"

@@ -33,7 +33,7 @@ from .boot import modes
 from .boot.multiboot import load_multiboot, module_file, split_initrd_option
 from .bql import GlobalMutex
 from .cpu_init import apply_cpu_state, setup_cpuid, setup_fpu, setup_lint
-from .cpus import CpuThread, describe_failure, handle_io, install_sig_ipi_handler
+from .cpus import CpuThread, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
 from .devices.mmio import MmioBus, handle_mmio
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
@@ -41,6 +41,7 @@ from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
 from .errors import BadKernel, GuestFailure, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
+from .kvm.exits import SystemEvent, describe_failure
 from .kvm.structs import kvm_run
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 from .main_loop import MainLoop
@@ -48,6 +49,7 @@ from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 _EXIT_AT = kvm_run.exit.offset  # where the exit union sits in the kvm_run page
+_EXIT_MMIO = int(ExitReason.MMIO)
 
 # Exit statuses of a run (``qkio run`` exits with these; see its --help).
 # isa-debug-exit gives odd statuses, (V << 1) | 1, so qkio's own are even.
@@ -147,7 +149,9 @@ class Machine:
         for index in range(smp):
             vcpu = vm.create_vcpu(index)
             try:
-                cpu = CpuThread(self, vcpu, kick=kick, exit_path=exit_path)
+                cpu = CpuThread(vcpu, lock=self.lock, bus=self.bus, on_exit=self.handle_exit,
+                                on_failure=self.guest_failed, tracer=self.tracer,
+                                kick=kick, exit_path=exit_path)
             except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
                 vcpu.close()
                 raise
@@ -252,16 +256,17 @@ class Machine:
         self.request_exit(status, f"guest wrote to isa-debug-exit: status {status}")
 
     def handle_exit(self, cpu: CpuThread, reason: int) -> None:
-        """Called by a vCPU thread, lock held, for every exit except EINTR."""
-        if reason == ExitReason.IO:
-            handle_io(self.bus, cpu.vcpu.run_page)
-        elif reason == ExitReason.MMIO:
+        """Called by a vCPU thread, lock held, for every exit its loop does not handle
+        itself (it handles port I/O, kicks and EAGAIN)."""
+        if reason == _EXIT_MMIO:  # the one that comes often: straight from the page
             self._handle_mmio(cpu)
-        elif reason == ExitReason.SYSTEM_EVENT:
+            return
+        exit = cpu.vcpu.exit(reason)
+        if isinstance(exit, SystemEvent):
             self.request_exit(STATUS_POWEROFF, "guest requested a system event (shutdown/reset)")
             cpu.stop()
-        else:
-            raise GuestFailure(describe_failure(cpu.vcpu, reason))
+        else:  # Shutdown (triple fault), InternalError, FailEntry, anything unexpected
+            raise GuestFailure(describe_failure(cpu.vcpu, exit))
 
     def _handle_mmio(self, cpu: CpuThread) -> None:
         handle_mmio(self.mmio_bus, cpu.vcpu.run_page, _EXIT_AT)

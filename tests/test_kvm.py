@@ -32,7 +32,7 @@ import time
 import pytest
 
 from qkio.errors import KvmError, KvmUnavailable
-from qkio.kvm import Cap, ExitReason, GuestMemory, Kvm, probe
+from qkio.kvm import Cap, ExitReason, GuestMemory, Kvm, exits, probe
 from qkio.kvm import constants as c
 from qkio.kvm import structs as s
 from qkio.kvm.ioctl import KVM_SET_TSS_ADDR
@@ -287,6 +287,44 @@ def test_in_reads_what_the_vmm_wrote_into_io_data(machine):
     machine.vcpu.io_data()[:] = b"\x01\x02\x03\x04"
     assert machine.run_to_io() == (OUT, 0x12, 4, b"\x01\x02\x03\x04")
     assert machine.vcpu.get_regs().rax & 0xFFFFFFFF == 0x04030201
+
+
+@pytest.mark.kvm
+def test_exits_decode_into_typed_values(machine):
+    machine.load(IN_THEN_ECHO)
+    vcpu = machine.vcpu
+    first = vcpu.run_exit()
+    assert isinstance(first, exits.IoIn) and (first.port, first.size, first.count) == (0x60, 1, 1)
+    vcpu.run_page[first.data_offset] = 0x5A  # the IN's answer, as handle_io would write it
+    assert vcpu.run_exit() == exits.IoOut(port=0x11, size=1, data=b"\x5a")
+    vcpu.immediate_exit = 1
+    assert vcpu.run_exit() == exits.Intr()
+    vcpu.immediate_exit = 0
+
+
+@pytest.mark.kvm
+def test_a_triple_fault_decodes_as_shutdown_and_is_described(machine):
+    # lidt with limit 0, then int3: no IDT entry -> #GP -> #DF -> shutdown.
+    # (A divide error first: this host's kvm_pvm cannot emulate int3.)
+    machine.mem.write(0x3000, bytes(6))  # the empty IDT descriptor
+    machine.load(bytes([0x0F, 0x01, 0x1E, 0x00, 0x30,   # lidt [0x3000]
+                        0x31, 0xC9,                     # xor cx, cx
+                        0xF7, 0xF1,                     # div cx
+                        0xCC]))                         # int3
+    reason = machine.vcpu.run()
+    exit = machine.vcpu.exit(reason)
+    assert exit == exits.Shutdown()
+    message = exits.describe_failure(machine.vcpu, exit)
+    assert message.startswith("guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU 0 at RIP=")
+
+
+def test_kvm_run_errno_mapping():
+    import errno
+    assert exits.reason_for_errno(errno.EINTR) == ExitReason.INTR
+    assert exits.reason_for_errno(errno.EAGAIN) == exits.EXIT_AGAIN
+    with pytest.raises(KvmError, match="KVM_RUN failed: EBADF"):
+        exits.reason_for_errno(errno.EBADF)
+    assert exits.exit_name(exits.EXIT_AGAIN) == "EAGAIN" and exits.exit_name(2) == "IO"
 
 
 @pytest.mark.kvm

@@ -210,14 +210,14 @@ def test_bad_arguments_are_refused():
         counter = array.array("Q", [0])
         with pytest.raises(TypeError, match="5 arguments"):
             run(vcpu.fd)
-        with pytest.raises(TypeError, match="slots must be"):
+        with pytest.raises(TypeError, match="table must be"):
             run(vcpu.fd, vcpu.run_page, machine.lock, [None] * 10, counter)
         with pytest.raises(ValueError, match="smaller than struct kvm_run"):
-            run(vcpu.fd, bytearray(16), machine.lock, machine.bus._slots, counter)
+            run(vcpu.fd, bytearray(16), machine.lock, machine.bus.table, counter)
         with pytest.raises(ValueError, match="aligned 8-byte buffer"):
-            run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus._slots, bytearray(4))
+            run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus.table, bytearray(4))
         with pytest.raises(BufferError, match="not writable"):
-            run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus._slots, b"read-only")
+            run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus.table, b"read-only")
 
 
 def test_kicks_reach_a_vcpu_in_the_native_loop():
@@ -237,7 +237,7 @@ def test_kicks_reach_a_vcpu_in_the_native_loop():
 def test_qemu_mutex_is_a_plain_lock_that_waits_without_the_gil():
     QemuMutex = native.load().QemuMutex
     from qkio.bql import GlobalMutex
-    assert type(GlobalMutex()._lock) is QemuMutex  # what every qemu_mutex is built on here
+    assert type(GlobalMutex().raw_lock) is QemuMutex  # what every qemu_mutex is built on here
     lock = QemuMutex()
     assert lock.acquire(False) and lock.locked() and not lock.acquire(False)
     got = []

@@ -124,6 +124,23 @@ class PortBus:
             self._slots[port] = entry
         self._names[base] = name
 
+    @property
+    def table(self) -> list[tuple[PortDevice, int, int] | None]:
+        """The port table itself, for the native exit loop (``qkio/native/cpu_exec.c``).
+
+        This is the bus's contract with that file, documented on both sides:
+        a ``list`` (exactly) of at least :data:`PORT_COUNT` entries, where
+        entry ``port`` is None (nobody owns the port) or the tuple ``(device,
+        base, length)`` of the device that owns ``base .. base+length-1``.
+        The loop completes an access itself only when it is one of 1, 2 or 4
+        bytes, lies wholly inside its owner's range and is naturally aligned
+        there -- the conditions of :meth:`read`'s and :meth:`write`'s fast
+        paths -- by calling ``device.io_read(offset, size)`` or
+        ``device.io_write(offset, size, value)``; everything else comes back
+        to Python.  Read it, never change it: only :meth:`register` does.
+        """
+        return self._slots
+
     def regions(self) -> list[tuple[int, int, str]]:
         """``(base, length, name)`` of every registered device, by base."""
         out = []

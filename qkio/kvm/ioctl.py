@@ -25,7 +25,6 @@ Why ctypes and not ``fcntl.ioctl``
 from __future__ import annotations
 
 import ctypes
-import errno as _errno
 
 from ..errors import KvmError
 from . import structs as s
@@ -115,23 +114,12 @@ def ioctl(fd: int, request: int, arg=0) -> int:
 
     ``arg`` is an int (passed by value as ``unsigned long``) or a ctypes object
     (passed by address).  Failure raises :class:`KvmError` naming the ioctl
-    and the errno -- except EINTR, which callers that expect it (``KVM_RUN``)
-    handle through :func:`ioctl_eintr`.
+    and the errno.  (``KVM_RUN``, where EINTR is a kick and not an error, is
+    :meth:`qkio.kvm.Vcpu.run`.)
     """
     address = arg if isinstance(arg, int) else ctypes.addressof(arg)
     ret = libc_ioctl(fd, request, address)
     if ret < 0:
         err = ctypes.get_errno()
-        raise KvmError(_NAMES.get(request, hex(request)), err)
-    return ret
-
-
-def ioctl_eintr(fd: int, request: int, arg: int = 0) -> int:
-    """Like :func:`ioctl`, but return ``-EINTR`` instead of raising on EINTR."""
-    ret = libc_ioctl(fd, request, arg)
-    if ret < 0:
-        err = ctypes.get_errno()
-        if err == _errno.EINTR:
-            return -_errno.EINTR
         raise KvmError(_NAMES.get(request, hex(request)), err)
     return ret

@@ -1,8 +1,10 @@
 """``Vcpu``: one vCPU fd and its shared ``kvm_run`` page.
 
-This is the *fd-level* vCPU: registers, CPUID, MSRs, LAPIC and one
-``KVM_RUN``.  The thread that loops on it, the global lock and kicks live in
-:mod:`qkio.cpus`.
+This is the *fd-level* vCPU: registers, CPUID, MSRs, LAPIC and qkio's one
+``KVM_RUN`` (:meth:`Vcpu.run`; the native exit loop in ``qkio/native/cpu_exec.c``
+is its C twin, and maps its errors the same way).  What an exit means is
+decoded in :mod:`qkio.kvm.exits`.  The thread that loops on it, the global
+lock and kicks live in :mod:`qkio.cpus`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from ..errors import KvmError
 from . import ioctl as io
 from . import structs as s
-from .constants import ExitReason
+from .exits import VcpuExit, decode_exit, reason_for_errno
 
 
 class Vcpu:
@@ -45,16 +47,26 @@ class Vcpu:
 
         An unblocked signal, or ``immediate_exit`` set before entry, makes the
         kernel return EINTR; that is a kick, not an error, and comes back as
-        ``ExitReason.INTR`` (the kernel leaves ``exit_reason`` stale after
-        immediate_exit, so it is not read in that case).
+        ``ExitReason.INTR``.  EAGAIN (an AP woken by INIT) comes back as
+        :data:`qkio.kvm.exits.EXIT_AGAIN`; any other error raises
+        :class:`KvmError` (:func:`qkio.kvm.exits.reason_for_errno`).  The
+        guest runs with the GIL released (a ctypes call).  :meth:`exit`
+        decodes what the reason means: ``vcpu.exit(vcpu.run())`` is, for a
+        guest that writes "H" to COM1, ``IoOut(port=1016, size=1, data=b'H')``.
         """
-        ret = io.libc_ioctl(self.fd, self._run_request, 0)
-        if ret < 0:
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                return ExitReason.INTR
-            raise KvmError("KVM_RUN", err)
+        if io.libc_ioctl(self.fd, self._run_request, 0) < 0:
+            return reason_for_errno(ctypes.get_errno())
         return self.kvm_run.exit_reason
+
+    def exit(self, reason: int) -> VcpuExit:
+        """The exit :meth:`run` returned ``reason`` for, decoded from ``kvm_run`` into a
+        typed value (:mod:`qkio.kvm.exits`: ``IoOut(port, size, data)``, ``Mmio(...)``,
+        ``Shutdown()``...).  Call it before the next :meth:`run`."""
+        return decode_exit(self.kvm_run, self.run_page, reason)
+
+    def run_exit(self) -> VcpuExit:
+        """:meth:`run`, then :meth:`exit`: kvm-ioctls' ``VcpuFd::run()``, for callers off the hot path."""
+        return self.exit(self.run())
 
     @property
     def immediate_exit(self) -> int:

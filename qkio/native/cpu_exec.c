@@ -31,13 +31,15 @@
  *
  * The interface is one function:
  *
- *     run(fd, run_page, mutex, slots, io_exits) -> ret
+ *     run(fd, run_page, mutex, table, io_exits) -> ret
  *
  *   fd        the vCPU fd
  *   run_page  the mmap'ed struct kvm_run (anything with a writable buffer)
- *   mutex     qkio.bql.GlobalMutex, held by the calling thread
- *   slots     PortBus._slots: a list of 65539 entries, each None or a
- *             (device, base, length) tuple
+ *   mutex     qkio.bql.GlobalMutex, held by the calling thread; used only
+ *             through its documented contract with this file (raw_lock,
+ *             owner, lock_contended(): see GlobalMutex's docstring)
+ *   table     PortBus.table: a list of at least 65536 entries, each None or
+ *             a (device, base, length) tuple (see PortBus.table's docstring)
  *   io_exits  a writable buffer holding one native-endian uint64 (an
  *             array('Q', [0]), say): the number of port accesses completed
  *             here, bumped after each one so that other threads read a live
@@ -45,7 +47,7 @@
  *
  * It loops until an exit it does not handle and returns that exit's reason
  * (>= 0) or, when KVM_RUN failed, -errno (EINTR is a kick, EAGAIN an AP woken
- * by INIT -- the caller knows both).  io_exits is how many port accesses it
+ * by INIT -- qkio.kvm.exits.reason_for_errno maps it, as for Vcpu.run).  io_exits is how many port accesses it
  * completed itself, for the exit tally.  It always returns with the mutex held
  * by the caller, as it was on entry; if a device raises, the exception
  * propagates, also with the mutex held.
@@ -61,15 +63,15 @@
  * argument as in qkio/cpus.py.
  *
  * The mutex.  GlobalMutex's uncontended lock and unlock are a store to
- * _owner and a raw lock's acquire/release; this repeats those two fast paths
+ * owner and raw_lock's acquire/release; this repeats those two fast paths
  * and, when the non-blocking acquire fails, calls the mutex's own
- * _lock_contended(), which blocks with the GIL released and records the wait
+ * lock_contended(), which blocks with the GIL released and records the wait
  * in the trace.  So a thread waiting for qemu_mutex looks the same whichever
  * path took it.  Order matters: we never *wait* for the mutex while holding
  * the GIL, or a thread holding the mutex and wanting the GIL would deadlock
  * against us.
  *
- * The raw lock is QemuMutex, below, when GlobalMutex was made with this
+ * raw_lock is QemuMutex, below, when GlobalMutex was made with this
  * module loaded (it then is the lock under every qemu_mutex), and then we
  * lock and unlock it with two direct calls.  Going through a
  * threading.Lock's methods instead cost ~0.3 us per exit here: acquire()
@@ -204,7 +206,7 @@ static PyTypeObject QemuMutex_Type = {
 
 /* --- the exit loop -------------------------------------------------------------- */
 
-static PyObject *s_owner, *s_lock, *s_release, *s_acquire, *s_contended, *s_io_read, *s_io_write;
+static PyObject *s_owner, *s_raw_lock, *s_release, *s_acquire, *s_contended, *s_io_read, *s_io_write;
 
 /* Everything one call needs, looked up once per call (not per exit). */
 struct loop {
@@ -212,7 +214,7 @@ struct loop {
     struct kvm_run *run;
     Py_ssize_t run_size;
     PyObject *mutex, *release, *acquire, *contended, *ident, *slots;
-    QemuMutex *raw;  /* the mutex's _lock, if it is a QemuMutex; else NULL */
+    QemuMutex *raw;  /* the mutex's raw_lock, if it is a QemuMutex; else NULL */
 };
 
 /* pre_kvm_run; KVM_RUN with the GIL released; post_kvm_run.
@@ -349,7 +351,7 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     int ret = 0, done;
 
     if (argc != 5) {
-        PyErr_SetString(PyExc_TypeError, "run(fd, run_page, mutex, slots, io_exits) takes 5 arguments");
+        PyErr_SetString(PyExc_TypeError, "run(fd, run_page, mutex, table, io_exits) takes 5 arguments");
         return NULL;
     }
     long fd = PyLong_AsLong(argv[0]);
@@ -361,7 +363,7 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     }
     l.fd = (int)fd;
     if (!PyList_CheckExact(argv[3]) || PyList_GET_SIZE(argv[3]) < PORT_COUNT) {
-        PyErr_SetString(PyExc_TypeError, "slots must be PortBus._slots, a list with a slot per port");
+        PyErr_SetString(PyExc_TypeError, "table must be PortBus.table, a list with an entry per port");
         return NULL;
     }
     if (PyObject_GetBuffer(argv[4], &counter, PyBUF_WRITABLE) < 0)
@@ -384,13 +386,14 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     l.run_size = page.len;
     l.mutex = argv[2];
     l.slots = argv[3];
-    if (!(lock = PyObject_GetAttr(l.mutex, s_lock)))
+    if (!(lock = PyObject_GetAttr(l.mutex, s_raw_lock)))
         goto out;
     if (Py_IS_TYPE(lock, &QemuMutex_Type))
         l.raw = (QemuMutex *)lock;  /* kept alive by the mutex, which the caller holds */
+    l.release = PyObject_GetAttr(lock, s_release);
+    l.acquire = l.release ? PyObject_GetAttr(lock, s_acquire) : NULL;
     Py_DECREF(lock);
-    if (!(l.release = PyObject_GetAttr(l.mutex, s_release)) ||
-        !(l.acquire = PyObject_GetAttr(l.mutex, s_acquire)) ||
+    if (!l.release || !l.acquire ||
         !(l.contended = PyObject_GetAttr(l.mutex, s_contended)) ||
         !(l.ident = PyLong_FromUnsignedLong(PyThread_get_thread_ident())))
         goto out;
@@ -425,7 +428,7 @@ out:
 
 static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))cpu_exec_run, METH_FASTCALL,
-     "run(fd, run_page, mutex, slots, io_exits) -> ret: KVM_RUN with qemu_mutex dropped,\n"
+     "run(fd, run_page, mutex, table, io_exits) -> ret: KVM_RUN with qemu_mutex dropped,\n"
      "completing port I/O on PortBus devices, until an exit the caller must handle."},
     {NULL, NULL, 0, NULL},
 };
@@ -438,11 +441,11 @@ PyMODINIT_FUNC PyInit__cpu_exec(void)
 {
     PyObject *m;
 
-    if (!(s_owner = PyUnicode_InternFromString("_owner")) ||
-        !(s_lock = PyUnicode_InternFromString("_lock")) ||
-        !(s_release = PyUnicode_InternFromString("_release")) ||
-        !(s_acquire = PyUnicode_InternFromString("_acquire")) ||
-        !(s_contended = PyUnicode_InternFromString("_lock_contended")) ||
+    if (!(s_owner = PyUnicode_InternFromString("owner")) ||
+        !(s_raw_lock = PyUnicode_InternFromString("raw_lock")) ||
+        !(s_release = PyUnicode_InternFromString("release")) ||
+        !(s_acquire = PyUnicode_InternFromString("acquire")) ||
+        !(s_contended = PyUnicode_InternFromString("lock_contended")) ||
         !(s_io_read = PyUnicode_InternFromString("io_read")) ||
         !(s_io_write = PyUnicode_InternFromString("io_write")))
         return NULL;
