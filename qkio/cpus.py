@@ -64,7 +64,6 @@ import errno
 import signal
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from . import native
 from . import trace as _trace
@@ -73,6 +72,7 @@ from .kvm.constants import ExitReason
 from .kvm.exits import EXIT_AGAIN, exit_name, handle_io, reason_for_errno
 from .threads import gettid, start_thread
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from .bql import GlobalMutex
     from .devices.ioport import PortBus

@@ -28,10 +28,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
-from dataclasses import dataclass
-from typing import Protocol
-
 from ..errors import KvmError
+from ..record import Record
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..devices.ioport import PortBus
 from .constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
 from .structs import kvm_run, kvm_run_exit, kvm_run_io
 
@@ -71,18 +73,19 @@ def exit_name(reason: int) -> str:
 
 
 # --- typed exits ------------------------------------------------------------------
+#
+# Records (qkio.record), not dataclasses: this module is on `qkio run`'s
+# start-up path, and importing dataclasses costs milliseconds there.
 
 
-@dataclass(frozen=True, slots=True)
-class IoOut:
+class IoOut(Record):
     """``KVM_EXIT_IO``, direction out: the guest wrote ``data`` (``count * size`` bytes) to ``port``."""
     port: int
     size: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class IoIn:
+class IoIn(Record):
     """``KVM_EXIT_IO``, direction in: the guest reads ``count`` values of ``size`` bytes from
     ``port``; the VMM writes them at ``data_offset`` in the ``kvm_run`` page before the next
     ``KVM_RUN``."""
@@ -92,8 +95,7 @@ class IoIn:
     data_offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class Mmio:
+class Mmio(Record):
     """``KVM_EXIT_MMIO``: an access of ``length`` bytes at guest-physical ``addr`` that no
     memory slot backs; for a write, ``data`` holds the bytes written."""
     addr: int
@@ -102,48 +104,40 @@ class Mmio:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Intr:
+class Intr(Record):
     """``KVM_RUN`` returned EINTR: a kick (a signal, or ``immediate_exit``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Again:
+class Again(Record):
     """``KVM_RUN`` returned EAGAIN: an AP left wait-for-SIPI (:data:`EXIT_AGAIN`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Hlt:
+class Hlt(Record):
     """``KVM_EXIT_HLT``: the guest halted (only without an in-kernel irqchip)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(Record):
     """``KVM_EXIT_SHUTDOWN``: a triple fault; the vCPU cannot go on."""
 
 
-@dataclass(frozen=True, slots=True)
-class FailEntry:
+class FailEntry(Record):
     """``KVM_EXIT_FAIL_ENTRY``: the hardware refused to enter the guest."""
     hardware_entry_failure_reason: int
     cpu: int
 
 
-@dataclass(frozen=True, slots=True)
-class InternalError:
+class InternalError(Record):
     """``KVM_EXIT_INTERNAL_ERROR``: KVM could not go on, e.g. an instruction it cannot emulate."""
     suberror: int
     data: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class SystemEvent:
+class SystemEvent(Record):
     """``KVM_EXIT_SYSTEM_EVENT``: shutdown, reset or crash requested through the platform."""
     type: int
 
 
-@dataclass(frozen=True, slots=True)
-class Other:
+class Other(Record):
     """Any exit reason qkio does not decode further (``reason`` is KVM's number)."""
     reason: int
 
@@ -189,14 +183,6 @@ def decode_exit(run: kvm_run, page, reason: int) -> VcpuExit:
 # --- completing port I/O ---------------------------------------------------------------
 
 
-class PortIo(Protocol):
-    """What :func:`handle_io` needs: a port bus (:class:`qkio.devices.PortBus`)."""
-
-    def read(self, port: int, size: int) -> int: ...
-
-    def write(self, port: int, size: int, value: int) -> None: ...
-
-
 # KVM_EXIT_IO's five fields (``struct kvm_run.io``: u8 direction, u8 size,
 # u16 port, u32 count, u64 data_offset) and where they sit in the kvm_run page.
 _IO_FIELDS = struct.Struct("=BBHIQ")
@@ -205,8 +191,10 @@ assert _IO_FIELDS.size == ctypes.sizeof(kvm_run_io)
 _OUT = kvm_run_io.KVM_EXIT_IO_OUT
 
 
-def handle_io(bus: PortIo, data, _unpack=_IO_FIELDS.unpack_from) -> None:
-    """KVM_EXIT_IO: carry ``count`` accesses of ``size`` bytes between ``data`` and ``bus``.
+def handle_io(bus: PortBus, data, _unpack=_IO_FIELDS.unpack_from) -> None:
+    """KVM_EXIT_IO: carry ``count`` accesses of ``size`` bytes between ``data`` and ``bus``
+    (anything with :class:`~qkio.devices.PortBus`'s ``read(port, size)`` and
+    ``write(port, size, value)``).
 
     ``data`` is the mmap'ed kvm_run page; the bytes sit at ``data_offset`` in it.
     """
