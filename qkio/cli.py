@@ -13,28 +13,165 @@ vCPU threads had already blocked everything for themselves).
 
 from __future__ import annotations
 
-import argparse
+# Only modules the interpreter has already loaded at start-up are imported
+# here: ``main`` must block the VMM's signals before any import that takes
+# time (see ``_block_run_signals``), and everything else is imported after.
 import os
 import sys
-import termios
-
-from .errors import QkioError
 
 EPILOG = """\
 exit status:
   (V << 1) | 1   the guest wrote V to isa-debug-exit (port 0xf4), as with QEMU
-  0              the guest shut down, or SIGTERM/SIGINT ended the run
-  1              bad command line, unusable /dev/kvm, or a file that is not a kernel
+  0              the guest shut down, or SIGTERM/SIGINT/SIGQUIT ended the run
+                 (also when the signal came before the guest started)
+  1              bad command line or option value, unusable /dev/kvm, a file
+                 that is not a kernel, or a --trace file that cannot be written
   2              the guest failed: triple fault, emulation failure, failed VM entry
   124            --timeout expired
   70             an internal error in qkio (a bug: please report it)
 signals:
-  SIGTERM, SIGINT  power the guest off and exit 0
+  SIGTERM, SIGINT, SIGQUIT  power the guest off and exit 0 (the terminal is
+                   restored); blocked from the first thing qkio does, so one
+                   sent during start-up ends the run the same way.  A signal
+                   sent while the Python interpreter itself is still starting,
+                   before qkio's code runs, has its default effect.
   SIGHUP, SIGUSR2  print each vCPU's registers and exit counts, and the signals
                    taken so far, to stderr
   SIGRTMIN..SIGRTMAX  counted; they queue, so none is lost through signalfd or
                    the signal thread (Python's async handlers coalesce a burst)
+console:
+  Guest output goes to stdout through the io thread and never blocks the VMM:
+  while stdout is not being read, the UART reports a busy transmitter and the
+  guest waits.  At the end at most about a second is spent writing what is
+  left; bytes a reader never took are counted in the closing line.  If stdout
+  fails (reader gone, disk full), the rest of the output is dropped and the
+  run goes on.  A closed stdin is no input; a closed stdout is no output.
 """
+
+#: Limits of the run options (checked by the parser, named in its messages).
+SMP_RANGE = (1, 64)
+MEMORY_RANGE = (2, 3072)        # MiB: a Multiboot kernel loads at 1 MiB
+TIMEOUT_MAX = 1_000_000.0       # seconds (11.6 days): beyond that, omit --timeout
+
+
+def _block_run_signals() -> None:
+    """Block the signals ``qkio run`` takes through its signal path, now.
+
+    The first thing ``main`` does for ``run``, before any import that can be
+    avoided: until the signal path exists, a blocked signal just stays
+    pending, and the path takes it as soon as it is built -- so SIGTERM in the
+    first milliseconds ends the run exactly as it would later, instead of
+    killing the process (SIGTERM's default) or raising KeyboardInterrupt
+    somewhere in an import (SIGINT's, under Python).  ``_signal`` is the
+    interpreter's built-in module, already loaded; ``signal`` would import
+    ``enum`` first.  The set is a superset of ``qkio.signals.VMM_SIGNALS``
+    and the real-time signals (a test checks it).
+    """
+    import _signal as s
+    s.pthread_sigmask(s.SIG_BLOCK, _early_signals())
+
+
+def _early_signals() -> set[int]:
+    import _signal as s
+    return {s.SIGTERM, s.SIGINT, s.SIGQUIT, s.SIGHUP, s.SIGUSR2, s.SIGALRM, s.SIGIO, s.SIGBUS,
+            *range(s.SIGRTMIN, s.SIGRTMAX + 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    own_command_line = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] != ["run"]:
+        return bench_main_checked(build_parser().parse_args(argv))
+    _block_run_signals()
+    try:
+        closed = _cover_closed_stdio()
+        args = build_parser().parse_args(argv)
+        status = run_main(args, closed=closed)
+    except KeyboardInterrupt:
+        # SIGINT taken by Python's own handler before the block above: the
+        # run ends as a SIGINT would end it later.
+        print("qkio: terminating on signal 2 before the guest started", file=sys.stderr, flush=True)
+        status = 0
+    if own_command_line:  # this process's own command line: nothing left to do but exit
+        _exit(status)
+    return status
+
+
+def _exit(status: int) -> None:
+    """Exit now, as QEMU does with ``exit()``: flush stdout and stderr, then ``_exit``.
+
+    By the time ``run_main`` returns, the machine is closed: every vCPU and
+    helper thread joined, every fd qkio opened closed, the trace written.
+    What the interpreter's own shutdown would add is freeing every object
+    one by one (about 6 ms of CPU on this book's host, measured with
+    ``qkio bench startup``), work the kernel does at once when the process
+    ends.  A flush that fails (stdout closed early) changes nothing: the
+    status says how the guest ended."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _cover_closed_stdio() -> frozenset[int]:
+    """Open /dev/null onto whichever of fds 0, 1, 2 is closed; return which were.
+
+    A process started with ``<&-`` or ``>&-`` has a free slot at 0 or 1, and
+    the next ``open`` -- of /dev/kvm, say -- would land there: the UART would
+    then read stdin from /dev/kvm, and guest output would be written into it.
+    Covering the slots first means no fd of qkio's can ever be 0, 1 or 2;
+    the run treats a closed stdin as no input and a closed stdout as no output.
+    """
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for fd in closed:
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:  # a lower slot was free too and got it; can only be one of ours
+            os.dup2(null, fd)
+            os.close(null)
+    return frozenset(closed)
+
+
+class _OneLineParser:
+    """Mixin: a command-line error is one line and status 1 (not argparse's usage + 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse's name
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_range(name: str, lo: int, hi: int, unit: str = ""):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise _argparse().ArgumentTypeError(f"must be an integer from {lo} to {hi}{unit}, not {text!r}")
+        return value
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """--timeout: a finite number of seconds, more than 0 and at most TIMEOUT_MAX."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value <= TIMEOUT_MAX:  # NaN fails both comparisons
+        raise _argparse().ArgumentTypeError(
+            f"must be a number of seconds more than 0 and at most {TIMEOUT_MAX:g}, not {text!r}")
+    return value
+
+
+def _argparse():
+    import argparse  # here, not at the top: main() blocks signals first
+    return argparse
 
 
 def _columns() -> int:
@@ -51,26 +188,35 @@ def _columns() -> int:
     return columns or 80
 
 
-def _formatter(base=argparse.HelpFormatter):
+def _formatter(base=None):
     """``base``, told the width: left to itself argparse imports ``shutil`` (and
     with it ``bz2``, ``lzma``, ``zlib``) on every ``add_argument`` to ask the
     terminal -- start-up time every ``qkio run`` would pay (qkio bench startup)."""
+    base = base or _argparse().HelpFormatter
     return lambda prog: base(prog, width=_columns() - 2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qkio", description="A small KVM VMM, threaded like qemu-kvm 0.12.",
-                                     formatter_class=_formatter())
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser():
+    argparse = _argparse()
+
+    class Parser(_OneLineParser, argparse.ArgumentParser):
+        pass
+
+    parser = Parser(prog="qkio", description="A small KVM VMM, threaded like qemu-kvm 0.12.",
+                    formatter_class=_formatter())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest", epilog=EPILOG,
                          formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))
     run.add_argument("--kernel", required=True, metavar="FILE",
                      help="a Multiboot (v1) ELF kernel, or the name of a qkio demo guest")
     run.add_argument("--append", default="", metavar="ARGS", help="kernel command line (after the kernel's path)")
     run.add_argument("--initrd", metavar="FILES", help="Multiboot modules, comma-separated, as QEMU's -initrd")
-    run.add_argument("--smp", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
-    run.add_argument("--memory", "-m", type=int, default=128, metavar="MiB", help="guest RAM (default 128)")
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop a guest still running after this long")
+    run.add_argument("--smp", type=_int_range("--smp", *SMP_RANGE), default=1, metavar="N",
+                     help=f"number of vCPUs, {SMP_RANGE[0]} to {SMP_RANGE[1]} (default 1)")
+    run.add_argument("--memory", "-m", type=_int_range("--memory", *MEMORY_RANGE, " MiB"), default=128,
+                     metavar="MiB", help=f"guest RAM, {MEMORY_RANGE[0]} to {MEMORY_RANGE[1]} MiB (default 128)")
+    run.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                     help=f"stop a guest still running after this long (0 < SECONDS <= {TIMEOUT_MAX:g})")
     run.add_argument("--signals", choices=("signalfd", "thread", "async"), default="signalfd",
                      help="how the io thread takes signals (default signalfd)")
     run.add_argument("--notify", choices=("eventfd", "pipe"), default="eventfd",
@@ -97,41 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pit", action="store_true",
                      help="also create KVM's in-kernel PIT, as qemu-kvm 0.12 did (off: no demo guest uses "
                           "it, and stopping its kernel thread makes every run end later)")
-    run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file")
+    run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file "
+                     "(a regular file; checked before the guest starts)")
     bench = sub.add_parser("bench", help="run the benchmarks", formatter_class=_formatter())
     bench.add_argument("names", nargs="*")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (as the book uses)")
-    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON (checked before benchmarking)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "run":
-        status = run_main(args)
-        if argv is None:  # this process's own command line: nothing left to do but exit
-            _exit(status)
-        return status
+def bench_main_checked(args) -> int:
+    if args.json:
+        try:
+            os.close(open_output_file(args.json, "--json"))
+        except OutputFileError as e:
+            return _error(str(e))
     from .bench import main as bench_main
     return bench_main(args)
-
-
-def _exit(status: int) -> None:
-    """Exit now, as QEMU does with ``exit()``: flush stdout and stderr, then ``_exit``.
-
-    By the time ``run_main`` returns, the machine is closed: every vCPU and
-    helper thread joined, every fd qkio opened closed, the trace written.
-    What the interpreter's own shutdown would add is freeing every object
-    one by one (about 6 ms of CPU on this book's host, measured with
-    ``qkio bench startup``), work the kernel does at once when the process
-    ends.  A flush that fails (stdout closed early) changes nothing: the
-    status says how the guest ended."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
 
 
 def _error(message: str) -> int:
@@ -139,28 +267,91 @@ def _error(message: str) -> int:
     return 1
 
 
-def _internal_error(exc: Exception) -> int:
+def _internal_error(exc: BaseException) -> int:
     print(f"qkio: internal error: {type(exc).__name__}: {exc} (QKIO_DEBUG=1 shows where)",
           file=sys.stderr, flush=True)
     return 70  # EX_SOFTWARE
 
 
-def run_main(args) -> int:
-    # 1. Block the VMM's signals while this is the only thread: every thread
-    #    created from here on (vCPUs, the signal thread) inherits the mask,
-    #    so a process-directed SIGTERM can only be taken by the path chosen.
+class OutputFileError(Exception):
+    pass
+
+
+def open_output_file(path: str, option: str) -> int:
+    """Open ``path`` for writing before any work is done; return the fd (3 or more).
+
+    Refuses what is not, or cannot become, a regular file -- a FIFO (opened
+    without blocking, so a FIFO with no reader cannot hang us), a directory,
+    a device such as /dev/full -- and paths that cannot be created, with one
+    line.  Nothing is truncated yet: that happens when the results are written.
+    """
+    import stat
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise OutputFileError(f"cannot write {option} file {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OutputFileError(f"{option} file {path} is not a regular file")
+    if fd < 3:
+        import fcntl
+        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(fd)
+        fd = new
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _write_trace(tracer, fd: int, path: str) -> str | None:
+    """Write the trace through ``fd`` (truncating first); return an error line or None."""
+    import json
+    try:
+        os.ftruncate(fd, 0)
+        with os.fdopen(fd, "w", encoding="utf-8", closefd=True) as f:
+            json.dump(tracer.to_chrome_json(), f)
+    except OSError as e:
+        return f"cannot write --trace file {path}: {e.strerror}"
+    return None
+
+
+def run_main(args, closed: frozenset[int] = frozenset()) -> int:
+    # 1. The VMM's signals were blocked by main() while this was the only
+    #    thread (again here, for callers that come straight to run_main):
+    #    every thread created from here on (vCPUs, the signal thread)
+    #    inherits the mask, so a process-directed SIGTERM can only be taken
+    #    by the path chosen.
+    import signal
+
     from .signals import REALTIME_SIGNALS, VMM_SIGNALS, block_vmm_signals
     block_vmm_signals(VMM_SIGNALS + REALTIME_SIGNALS)
+    # ... and exactly those: what main() blocked beyond them goes back to normal.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _early_signals() - set(VMM_SIGNALS + REALTIME_SIGNALS))
     # 2. This thread is the io thread; name it so ps -L shows it.
     from .threads import set_thread_name
     set_thread_name("qkio-io")
 
     from . import trace
+    from .errors import QkioError
     from .machine import Machine
 
-    tracer = trace.Tracer(enabled=True) if args.trace else None
+    trace_fd = None
+    if args.trace:
+        try:
+            trace_fd = open_output_file(args.trace, "--trace")
+        except OutputFileError as e:
+            return _error(str(e))
+    try:
+        return _run_machine(args, closed, trace, QkioError, Machine, trace_fd)
+    finally:
+        if trace_fd is not None:
+            os.close(trace_fd)
+
+
+def _run_machine(args, closed, trace, QkioError, Machine, trace_fd) -> int:
+    tracer = trace.Tracer(enabled=True) if trace_fd is not None else None
     kernel = args.kernel
-    if not os.path.exists(kernel):
+    if not os.path.lexists(kernel):
         from . import guests
         if kernel in guests.GUESTS:
             try:
@@ -169,6 +360,7 @@ def run_main(args) -> int:
                 return _error(str(e))
         else:
             return _error(f"no such kernel file {kernel!r} (demo guests: {', '.join(guests.GUESTS)})")
+    console = (lambda data: None) if 1 in closed else None
     try:
         drives, virtio_notify, virtio_aio = [], "vcpu", "sync"
         if args.drive or args.virtio_notify != virtio_notify or args.virtio_aio != virtio_aio:
@@ -182,19 +374,22 @@ def run_main(args) -> int:
         machine = Machine(memory_mib=args.memory, smp=args.smp, signals=args.signals,
                           notify=args.notify, backend=args.backend, kick=args.kick,
                           exit_path=args.exit_path, tracer=tracer, drives=drives,
-                          virtio_notify=virtio_notify, virtio_aio=virtio_aio, pit=args.pit)
+                          virtio_notify=virtio_notify, virtio_aio=virtio_aio, pit=args.pit,
+                          console=console)
     except (QkioError, ValueError) as e:
         return _error(str(e))
     if args.exit_path is None and machine.cpus[0].exit_path == "python":
         from . import native
         print(f"qkio: note: using the Python exit loop ({native.unavailable_reason})", file=sys.stderr)
-    tty = _Terminal(0)
+    import termios
+    tty = _Terminal(0, termios)
+    status = None
     try:
         try:
             machine.load_multiboot(kernel, append=args.append, initrd=args.initrd)
         except QkioError as e:
             return _error(str(e))
-        if _is_open(0):
+        if 0 not in closed:
             machine.attach_stdin(0)
         tty.enter()
         try:
@@ -203,35 +398,44 @@ def run_main(args) -> int:
             if os.environ.get("QKIO_DEBUG"):
                 raise
             return _internal_error(e)
-        if machine.exit_message and not machine.exit_message.startswith("guest wrote to isa-debug-exit"):
-            print(f"qkio: {machine.exit_message}", file=sys.stderr, flush=True)
+        line = closing_line(machine)
+        if line:
+            print(f"qkio: {line}", file=sys.stderr, flush=True)
         return status
     finally:
         tty.restore()
         machine.close()
         if tracer is not None:
-            tracer.write(args.trace)
+            problem = _write_trace(tracer, os.dup(trace_fd), args.trace)
+            if problem:
+                print(f"qkio: error: {problem}", file=sys.stderr, flush=True)
 
 
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
+def closing_line(machine) -> str:
+    """The run's one closing line: why it ended (unless the guest said so itself),
+    and what became of guest output stdout did not take."""
+    parts = []
+    if machine.exit_message and not machine.exit_message.startswith("guest wrote to isa-debug-exit"):
+        parts.append(machine.exit_message)
+    out = machine.console_report
+    if out:
+        parts.append(out)
+    return "; ".join(parts)
 
 
 class _Terminal:
     """Raw-ish input for a guest on a terminal, as QEMU's ``-serial stdio``: keys go
     to the guest one at a time, unechoed; Ctrl-C still signals the VMM (ISIG kept)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, termios):
         self.fd = fd
+        self.termios = termios
         self.saved = None
 
     def enter(self) -> None:
-        if not (_is_open(self.fd) and os.isatty(self.fd)):
+        if not os.isatty(self.fd):
             return
+        termios = self.termios
         self.saved = termios.tcgetattr(self.fd)
         mode = termios.tcgetattr(self.fd)
         mode[3] &= ~(termios.ICANON | termios.ECHO)  # lflags
@@ -240,7 +444,7 @@ class _Terminal:
 
     def restore(self) -> None:
         if self.saved is not None:
-            termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+            self.termios.tcsetattr(self.fd, self.termios.TCSANOW, self.saved)
             self.saved = None
 
 

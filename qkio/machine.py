@@ -32,6 +32,7 @@ from . import trace as _trace
 from .boot import modes
 from .boot.multiboot import load_multiboot, module_file, split_initrd_option
 from .bql import GlobalMutex
+from .chardev import CharOutput
 from .cpu_init import apply_cpu_state, setup_cpuid, setup_fpu, setup_lint
 from .cpus import CpuThread, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
@@ -53,7 +54,7 @@ _EXIT_MMIO = int(ExitReason.MMIO)
 
 # Exit statuses of a run (``qkio run`` exits with these; see its --help).
 # isa-debug-exit gives odd statuses, (V << 1) | 1, so qkio's own are even.
-STATUS_POWEROFF = 0         # guest shutdown, or SIGTERM/SIGINT (as QEMU: "terminating on signal")
+STATUS_POWEROFF = 0         # guest shutdown, or SIGTERM/SIGINT/SIGQUIT (as QEMU: "terminating on signal")
 STATUS_GUEST_FAILED = 2     # triple fault, emulation failure, failed VM entry
 STATUS_TIMEOUT = 124        # --timeout expired (the status timeout(1) uses)
 
@@ -68,7 +69,8 @@ class Machine:
     ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
     ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
     ``"python"``, or None for native when it can be built.
-    ``console``: called with each chunk the UART transmits (default: stdout).
+    ``console``: called with each chunk the UART transmits (default: stdout,
+    written by the io thread through :class:`qkio.chardev.CharOutput`).
     ``pit``: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.
     Off by default: no qkio guest programs the timer, and the PIT is a
     kernel worker thread (``kvm-pit/<pid>``) that KVM starts when the PIT is
@@ -86,8 +88,8 @@ class Machine:
                  virtio_aio: str = "sync", pit: bool = False):
         if not 1 <= smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {smp}")
-        if not 1 <= memory_mib <= 3072:
-            raise ValueError(f"--memory must be between 1 and 3072 MiB, not {memory_mib}")
+        if not 2 <= memory_mib <= 3072:  # RAM must reach above 1 MiB, where a kernel loads
+            raise ValueError(f"--memory must be between 2 and 3072 MiB, not {memory_mib}")
         self.tracer = tracer if tracer is not None else _trace.default
         self.log = log or (lambda msg: print(f"qkio: {msg}", file=sys.stderr, flush=True))
         self.exit_status: int | None = None
@@ -98,6 +100,8 @@ class Machine:
         # With the posix-aio-compat pool, SIGUSR2 is the pool's (its own signal fd,
         # as in qemu-kvm 0.12), so the machine's signal source must not take it.
         self._paio = bool(drives) and virtio_aio == "paio"
+        self.console_out: CharOutput | None = None
+        self.console_unwritten = 0  # guest output given up on at the end of the run
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
         try:
@@ -133,7 +137,13 @@ class Machine:
         self.lock = GlobalMutex(tracer=self.tracer)
         self.loop = MainLoop(backend=backend, notifier=notify, lock=self.lock, tracer=self.tracer)
 
-        write_console = console or (lambda data: os.write(1, data))
+        if console is None:
+            # Guest output goes to stdout through the io thread, never blocking
+            # a vCPU (qkio.chardev says why).
+            self.console_out = CharOutput(self.loop, 1, on_room=lambda: self.serial.transmit_ready())
+            write_console = self.console_out.write
+        else:
+            write_console = console
         self.bus = PortBus()
         # KVM_EXIT_MMIO goes here, by address, as port I/O goes to self.bus.
         self.mmio_bus = MmioBus(on_unassigned=self._log_unassigned_mmio)
@@ -166,7 +176,7 @@ class Machine:
             self.signal_source = SignalSource(signals, taken, tracer=self.tracer,
                                               force_signalfd_failure=force_sfd_fail)
             self.signal_source.attach(self.loop)
-            for signo in (_signal.SIGTERM, _signal.SIGINT):
+            for signo in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
                 self.signal_source.add_handler(signo, self._terminate_on_signal)
             for signo in (_signal.SIGHUP,) + (() if self._paio else (_signal.SIGUSR2,)):
                 self.signal_source.add_handler(signo, self._report_state)
@@ -237,6 +247,19 @@ class Machine:
             self._stdin_fd = None
             return
         self.serial.receive(data)
+
+    @property
+    def console_report(self) -> str:
+        """What became of guest output stdout did not take ("" when all of it was written)."""
+        out = self.console_out
+        if out is None:
+            return ""
+        if out.error is not None and out.kind != "closed":
+            return (f"guest output stopped after {out.written} bytes: stdout: {out.error.strerror}"
+                    f" ({out.discarded} bytes dropped)")
+        if self.console_unwritten:
+            return f"{self.console_unwritten} bytes of guest output not written: stdout is not being read"
+        return ""
 
     # --- device glue -----------------------------------------------------------
 
@@ -328,6 +351,8 @@ class Machine:
         if not finished:
             self.request_exit(STATUS_TIMEOUT, f"guest still running after --timeout {timeout:g} s; stopped it")
         self.stop()
+        if self.console_out is not None:
+            self.console_unwritten += self.console_out.flush()
         return self.exit_status
 
     def pause(self) -> None:
@@ -368,6 +393,9 @@ class Machine:
         for cpu in self.cpus:
             cpu.vcpu.close()
         self.cpus = []
+        if self.console_out is not None:
+            self.console_out.close()
+            self.console_out = None
         if self.loop is not None:
             self.loop.close()
             self.loop = None

@@ -163,6 +163,20 @@ class _EpollBackend:
     to the same description; a closed-and-reused fd number may therefore be
     unknown to epoll (ENOENT on modify) or already known (EEXIST on add).
     Both are handled by falling back to the other call.
+
+    The same trap defeats the shortcut "the lists are the ones of last time,
+    so nothing changed": a handler removed, its fd closed and reopened under
+    the same number, and a handler set again, all between two waits, hands
+    over identical lists while epoll has silently dropped the old file.  So
+    the loop calls :meth:`handlers_changed` whenever the registry changes,
+    and the next wait re-declares every fd (one ``epoll_ctl`` each) instead of
+    trusting its record.
+
+    Regular files and /dev/null cannot be watched at all: ``epoll_ctl``
+    refuses them with EPERM, since they are always ready.  select and poll
+    say exactly that for them, so this backend does too: such an fd is kept
+    aside, reported ready on every wait, and the wait does not block while
+    one is wanted.
     """
 
     name = "epoll"
@@ -170,19 +184,33 @@ class _EpollBackend:
     def __init__(self) -> None:
         self._ep = select.epoll()
         self._registered: dict[int, int] = {}
+        self._always: dict[int, int] = {}   # fd -> mask, for fds epoll refuses (EPERM)
         self._last: tuple[list[int], list[int]] | None = None
         self._want: dict[int, int] = {}
+        self._verify = False
+
+    def handlers_changed(self) -> None:
+        """The registry changed: distrust what was registered (see the class comment)."""
+        self._verify = True
 
     def wait(self, rfds: list[int], wfds: list[int], timeout_s: float | None):
         # main_loop_wait hands over fresh lists every time, and they are
         # nearly always the ones of the time before: comparing two lists is
         # much cheaper than diffing the interest set fd by fd.
-        if (rfds, wfds) != self._last:
-            self._want = self._sync(rfds, wfds)
+        if self._verify or (rfds, wfds) != self._last:
+            verify, self._verify = self._verify, False
+            self._want = self._sync(rfds, wfds, verify)
             self._last = (rfds, wfds)
         want = self._want
         r: set[int] = set()
         w: set[int] = set()
+        if self._always:
+            timeout_s = 0
+            for fd, mask in self._always.items():
+                if mask & select.EPOLLIN:
+                    r.add(fd)
+                if mask & select.EPOLLOUT:
+                    w.add(fd)
         for fd, ev in self._ep.poll(-1 if timeout_s is None else timeout_s):
             mask = want.get(fd, 0)
             if ev & (select.EPOLLIN | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR) \
@@ -192,7 +220,7 @@ class _EpollBackend:
                 w.add(fd)
         return r, w
 
-    def _sync(self, rfds: list[int], wfds: list[int]) -> dict[int, int]:
+    def _sync(self, rfds: list[int], wfds: list[int], verify: bool = False) -> dict[int, int]:
         """Make the kernel's interest set match ``rfds``/``wfds``; return fd -> event mask."""
         want: dict[int, int] = {}
         for fd in rfds:
@@ -206,20 +234,26 @@ class _EpollBackend:
                 except OSError:
                     pass  # closed already (EBADF) or gone from the set (ENOENT)
                 del self._registered[fd]
+        self._always = {}
         for fd, mask in want.items():
             old = self._registered.get(fd)
-            if old == mask:
+            if old == mask and not verify:
                 continue
-            if old is None:
-                try:
-                    self._ep.register(fd, mask)
-                except FileExistsError:
-                    self._ep.modify(fd, mask)
-            else:
-                try:
-                    self._ep.modify(fd, mask)
-                except FileNotFoundError:
-                    self._ep.register(fd, mask)
+            try:
+                if old is None:
+                    try:
+                        self._ep.register(fd, mask)
+                    except FileExistsError:
+                        self._ep.modify(fd, mask)
+                else:
+                    try:
+                        self._ep.modify(fd, mask)
+                    except FileNotFoundError:
+                        self._ep.register(fd, mask)
+            except PermissionError:  # EPERM: a regular file or /dev/null, always ready
+                self._registered.pop(fd, None)
+                self._always[fd] = mask
+                continue
             self._registered[fd] = mask
         return want
 
@@ -371,6 +405,9 @@ class MainLoop:
             rec.fd_write = fd_write
             rec.opaque = opaque
             rec.deleted = False
+        changed = getattr(self.backend, "handlers_changed", None)
+        if changed is not None:
+            changed()
         self.notify_event("fd handlers changed")
         return 0
 

@@ -94,9 +94,10 @@ __all__ = ["VMM_SIGNALS", "SIGNALFD_SIGINFO_SIZE", "SigInfo", "SignalSource",
 
 #: The signals a qkio VMM takes synchronously (qemu-kvm 0.12 blocked SIGIO,
 #: SIGALRM and SIGBUS in the io thread, and SIGUSR2 for posix-aio; qkio adds the
-#: termination signals so that shutdown is also handled in the io thread).
+#: termination signals so that shutdown is also handled in the io thread --
+#: SIGQUIT too, so that Ctrl-\ restores the terminal as Ctrl-C does).
 VMM_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                signal.SIGUSR2, signal.SIGALRM, signal.SIGIO)
+                                signal.SIGUSR2, signal.SIGALRM, signal.SIGIO, signal.SIGQUIT)
 
 #: The POSIX real-time signals (SIGRTMIN..SIGRTMAX as glibc numbers them; the
 #: two below SIGRTMIN are glibc's own).  ``qkio run`` takes them too, and only

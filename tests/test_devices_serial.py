@@ -398,3 +398,64 @@ def test_echo_guest_interrupt_driven(u):
             u.w(THR, u.r(RBR))
     assert u.out == b"ping"
     assert u.accepts == 4
+
+
+def test_a_full_host_side_holds_the_byte_in_thr_with_thre_clear():
+    """The host side refuses a byte (returns False): the transmitter is busy, as in
+    QEMU's serial_xmit waiting on its G_IO_OUT watch; transmit_ready() sends it."""
+    taken = bytearray()
+    full = [False]
+
+    def output(data):
+        if full[0]:
+            return False
+        taken.extend(data)
+
+    edges = []
+    dev = Serial(output, edges.append)
+    dev.io_write(IER, 1, 0x02)  # THRI: an edge each time THR empties
+    dev.io_write(THR, 1, ord("a"))
+    assert taken == b"a" and dev.io_read(LSR, 1) & (THRE | TEMT) == THRE | TEMT
+    full[0] = True
+    dev.io_write(THR, 1, ord("b"))
+    assert taken == b"a" and dev.io_read(LSR, 1) & (THRE | TEMT) == 0
+    assert dev.io_read(IIR, 1) & 0x0F == UART_IIR_NO_INT  # no THRE interrupt while busy
+    dev.transmit_ready()  # still full: nothing changes
+    assert dev.io_read(LSR, 1) & THRE == 0 and dev.tx_held == ord("b")
+    full[0] = False
+    dev.transmit_ready()
+    assert taken == b"ab" and dev.io_read(LSR, 1) & (THRE | TEMT) == THRE | TEMT
+    assert dev.io_read(IIR, 1) & 0x0F == UART_IIR_THRI
+
+
+def test_char_output_never_blocks_and_drains_through_the_loop():
+    """CharOutput on a one-page pipe nobody reads: write() refuses once its buffer
+    is full instead of blocking; reading the pipe lets the io thread drain it."""
+    import fcntl
+    import os
+
+    from qkio.chardev import OUTPUT_LIMIT, CharOutput
+    from qkio.main_loop import MainLoop
+
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    rooms = []
+    with MainLoop() as loop:
+        out = CharOutput(loop, w, on_room=lambda: rooms.append(1))
+        try:
+            assert out.kind == "reopened" and os.get_blocking(w), "fd 1's own file stays blocking"
+            accepted = 0
+            while out.write(b"x" * 100):
+                accepted += 100
+                loop.main_loop_wait(0)
+                assert accepted < 1 << 20, "never refused"
+            assert len(out.buffer) >= OUTPUT_LIMIT
+            got = bytearray()
+            while len(got) < accepted:
+                got += os.read(r, 65536)
+                loop.main_loop_wait(100)
+            assert got == b"x" * accepted and rooms
+        finally:
+            out.close()
+            os.close(r)
+            os.close(w)

@@ -340,3 +340,54 @@ def test_bh_schedule_idle_then_schedule_keeps_it_idle_as_in_0_12(loop):
     bh.schedule()  # 0.12 returns early: already scheduled
     assert bh.idle and bh.scheduled
     assert _eventfd_writes(loop.notifier.read_fd) == 0
+
+
+def test_fd_closed_and_reopened_under_the_same_number_is_watched(loop):
+    """An fd number reused between two waits is a new open file: epoll forgot the
+    old one when it was closed, so the backend must register the new one even
+    though the fd lists handed to it look exactly as before."""
+    got = []
+    r1, w1 = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    loop.set_fd_handler(r1, lambda fd: got.append(os.read(fd, 10)), None, r1)
+    loop.main_loop_wait(0)
+    loop.set_fd_handler(r1, None, None)  # removed, closed, reopened, re-added: all between two waits
+    os.close(r1)
+    os.close(w1)
+    r2, w2 = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        assert r2 == r1, "the kernel hands out the lowest free number"
+        loop.set_fd_handler(r2, lambda fd: got.append(os.read(fd, 10)), None, r2)
+        os.write(w2, b"new")
+        deadline = time.monotonic() + 2
+        while not got and time.monotonic() < deadline:
+            loop.main_loop_wait(100)
+        assert got == [b"new"]
+    finally:
+        loop.set_fd_handler(r2, None, None)
+        loop.main_loop_wait(0)
+        os.close(r2)
+        os.close(w2)
+
+
+@pytest.mark.parametrize("kind", ["devnull", "regular"])
+def test_fds_epoll_cannot_watch_are_always_ready(loop, kind, tmp_path):
+    """/dev/null and regular files cannot be added to an epoll set (EPERM); like
+    select and poll, every backend treats them as always readable and writable."""
+    if kind == "devnull":
+        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    else:
+        (tmp_path / "f").write_bytes(b"file data")
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CLOEXEC)
+    reads, writes = [], []
+    try:
+        loop.set_fd_handler(fd, lambda f: reads.append(os.read(f, 100)), lambda f: writes.append(f), fd)
+        start = time.monotonic()
+        loop.main_loop_wait(5000)
+        loop.main_loop_wait(5000)
+        assert time.monotonic() - start < 4, "an always-ready fd must not make the wait block"
+        assert reads and writes
+        assert reads[0] == (b"" if kind == "devnull" else b"file data")
+    finally:
+        loop.set_fd_handler(fd, None, None)
+        loop.main_loop_wait(0)
+        os.close(fd)

@@ -137,8 +137,10 @@ class Serial:
     with length :data:`SERIAL_IO_SIZE`.
 
     ``output(data)`` receives every byte the guest transmits (one byte per
-    call).  ``irq(level)`` is called with 1 or 0 whenever the interrupt line
-    changes.  ``accept_input()`` is called after the guest reads RBR outside
+    call); it may return False to refuse the byte (the host side is full),
+    which leaves it in THR with LSR.THRE clear until the owner calls
+    :meth:`transmit_ready`.  Any other return value means "sent".
+    ``irq(level)`` is called with 1 or 0 whenever the interrupt line changes.  ``accept_input()`` is called after the guest reads RBR outside
     loopback mode, i.e. when :meth:`can_receive` may have grown: QEMU's
     ``qemu_chr_fe_accept_input``, which wakes the io thread so it polls stdin
     again.  Exceptions raised by these callbacks propagate to the caller of
@@ -178,6 +180,8 @@ class Serial:
         self.fcr = 0
         self.recv_fifo: deque[int] = deque()
         self.recv_fifo_itl = 1
+        self.tx_held: int | None = None  # a byte the host side refused, still in THR
+        self.tx_overwritten = 0
         self.thr_ipending = False
         self.timeout_ipending = False
         self.timeout_armed = False
@@ -388,16 +392,39 @@ class Serial:
         self.thr_ipending = False
         self.lsr &= ~(UART_LSR_THRE | UART_LSR_TEMT)
         self._update_irq()
-        # ... and the byte leaves at once, so THR is empty again and THRE
-        # becomes pending (QEMU's serial_xmit).
+        if self.mcr & UART_MCR_LOOP:
+            # Loopback: the transmitter's output is wired to the receiver.
+            self._thr_empty()
+            self.receive(_BYTE[value])
+            return
+        if self.output(_BYTE[value]) is False:
+            # The host side is full: the byte stays in THR and the
+            # transmitter is busy (THRE clear) until transmit_ready().  A
+            # guest that writes THR anyway overwrites it, as on the chip.
+            if self.tx_held is not None:
+                self.tx_overwritten += 1
+            self.tx_held = value
+            return
+        # ... and the byte has left, so THR is empty again and THRE becomes
+        # pending (QEMU's serial_xmit).
+        self._thr_empty()
+
+    def _thr_empty(self) -> None:
+        self.tx_held = None
         self.lsr |= UART_LSR_THRE | UART_LSR_TEMT
         self.thr_ipending = True
         self._update_irq()
-        if self.mcr & UART_MCR_LOOP:
-            # Loopback: the transmitter's output is wired to the receiver.
-            self.receive(_BYTE[value])
-        else:
-            self.output(_BYTE[value])
+
+    def transmit_ready(self) -> None:
+        """The host side has room again: send the byte held in THR, if any.
+
+        QEMU's ``serial_xmit`` run from its ``G_IO_OUT`` watch.  Called with
+        the global lock held (by the io thread)."""
+        held = self.tx_held
+        if held is None:
+            return
+        if self.output(_BYTE[held]) is not False:
+            self._thr_empty()
 
     def _write_ier(self, value: int) -> None:
         if self.lcr & UART_LCR_DLAB:
@@ -423,7 +450,11 @@ class Serial:
             self.timeout_armed = False
             self.recv_fifo.clear()
         if value & UART_FCR_XFR:
-            # The (always empty) transmit FIFO is flushed: THR is empty.
+            # The transmit FIFO is flushed (with a byte held for a full host
+            # side, that byte is dropped, and the transmitter is idle): THR is empty.
+            if self.tx_held is not None:
+                self.tx_held = None
+                self.lsr |= UART_LSR_TEMT
             self.lsr |= UART_LSR_THRE
             self.thr_ipending = True
         # The reset bits self-clear; enable, DMA mode and trigger level stick.

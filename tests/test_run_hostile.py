@@ -1,0 +1,203 @@
+"""``qkio run`` against what users do to it (issue 10): readers that stop reading,
+odd stdin and stdout, files that are not files, bad option values, signals
+during start-up.  Each case must end on time with its documented status (the
+run parser's epilog) and at most one line on stderr, never a traceback.
+
+The never-reading reader gets a one-page pipe (``F_SETPIPE_SZ``) so that it
+is full within a fraction of a second even on a host where the guest prints a
+few tens of KB/s; the VMM's own 4 KiB console buffer then fills behind it,
+and the UART holds the guest back.  The closing line says how many bytes were never
+written, which is how the tests know the stall really happened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import termios
+import time
+
+import pytest
+from helpers.vmm import QKIO_RUN, ROOT, run_qkio, test_kernel, wait_until
+
+F_SETPIPE_SZ = 1031
+SIGNAL_PATHS = ("signalfd", "thread", "async")
+
+
+pytestmark = pytest.mark.kvm
+
+
+def _one_line_no_traceback(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace")
+    assert "Traceback" not in text, text
+    assert text.count("\n") <= 1, text
+    return text
+
+
+def _spawn_never_read(*args: str, **kw):
+    """``qkio run ARGS`` with stdout a 4 KiB pipe nobody reads; returns (proc, read end)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([*QKIO_RUN, *args], stdin=subprocess.DEVNULL, stdout=w,
+                            stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT, **kw)
+    os.close(w)
+    return proc, r
+
+
+def _queued(r: int) -> int:
+    return int.from_bytes(fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4), "little")
+
+
+def _wait_for_stall(r: int) -> None:
+    """Until the pipe holds bytes and has stopped growing for half a second (a
+    one-page pipe counts as full once its one buffer is in use)."""
+    seen = [-1]
+
+    def stalled():
+        now = _queued(r)
+        if now and now == seen[0]:
+            return True
+        seen[0] = now
+        return False
+    wait_until(stalled, 20, "the pipe to fill", interval=0.5)
+
+
+FLOOD = ("--kernel", "flood", "--append", "count=100000000")
+
+
+@pytest.mark.parametrize("path", SIGNAL_PATHS)
+def test_timeout_ends_a_run_whose_reader_never_reads(path):
+    start = time.monotonic()
+    proc, r = _spawn_never_read(*FLOOD, "--timeout", "3", "--signals", path)
+    try:
+        status = proc.wait(10)
+        elapsed = time.monotonic() - start
+        err = _one_line_no_traceback(proc.stderr.read())
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(r)
+    assert status == 124, err
+    assert elapsed < 4, f"--timeout 3 took {elapsed:.2f} s"
+    assert "--timeout 3" in err and "bytes of guest output not written" in err
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
+@pytest.mark.parametrize("path", SIGNAL_PATHS)
+def test_signal_ends_a_run_whose_reader_never_reads_within_a_second(path, signo):
+    proc, r = _spawn_never_read(*FLOOD, "--signals", path)
+    try:
+        _wait_for_stall(r)
+        time.sleep(0.5)  # and the VMM's own 4 KiB buffer behind it, at tens of KB/s
+        sent = time.monotonic()
+        proc.send_signal(signo)
+        status = proc.wait(10)
+        elapsed = time.monotonic() - sent
+        err = _one_line_no_traceback(proc.stderr.read())
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(r)
+    assert status == 0, err
+    assert elapsed < 1, f"{signal.Signals(signo).name} took {elapsed:.2f} s"
+    assert f"terminating on signal {int(signo)}" in err
+
+
+def test_reader_that_goes_away_is_not_a_guest_failure():
+    proc = subprocess.Popen(f"{' '.join(QKIO_RUN)} --kernel flood --append count=3000 | head -c 10",
+                            shell=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    out, err_bytes = proc.communicate(timeout=60)
+    err = _one_line_no_traceback(err_bytes)
+    assert out == b"x" * 10 or len(out) == 10
+    assert "stdout: Broken pipe" in err and "dropped" in err
+
+
+def test_dev_full_stdout_is_not_a_guest_failure():
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run([*QKIO_RUN, "--kernel", "hello"], stdout=full, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, timeout=60, cwd=ROOT)
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 33
+    assert "No space left on device" in err
+
+
+def test_nonblocking_stdout_gets_every_byte():
+    """A non-blocking stdout pipe (shared with another program, say) answers EAGAIN
+    when full: that is "not now", not an error; every byte arrives."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    proc = subprocess.Popen([*QKIO_RUN, "--kernel", "flood", "--append", "count=20000"], stdout=w,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    os.close(w)
+    got = bytearray()
+    time.sleep(0.5)  # let it run into EAGAIN first
+    with os.fdopen(r, "rb") as reader:
+        while chunk := reader.read(1000):
+            got += chunk
+    assert proc.wait(60) == 33
+    _one_line_no_traceback(proc.stderr.read())
+    assert len(got) == 20000
+
+
+@pytest.mark.parametrize("which", ["stdin", "stdout", "both"])
+def test_closed_stdio_is_no_input_and_no_output(which):
+    hello = str(test_kernel("hello"))
+    redirect = {"stdin": "<&-", "stdout": ">&-", "both": "<&- >&-"}[which]
+    result = subprocess.run(f"{' '.join(QKIO_RUN)} --kernel {hello} {redirect}", shell=True, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    _one_line_no_traceback(result.stderr)
+    assert result.returncode == 33, result.stderr
+    assert result.stdout == (b"" if which != "stdin" else b"Hello from qkio's guest\n")
+
+
+@pytest.mark.parametrize("backend", ["select", "poll", "epoll"])
+@pytest.mark.parametrize("stdin", ["devnull", "regular"])
+def test_any_backend_reads_devnull_and_regular_file_stdin(backend, stdin, tmp_path):
+    data = b"from a file\nq"
+    if stdin == "regular":
+        (tmp_path / "in").write_bytes(data)
+    with open(os.devnull if stdin == "devnull" else tmp_path / "in", "rb") as f:
+        result = subprocess.run([*QKIO_RUN, "--kernel", str(test_kernel("echo")), "--backend", backend,
+                                 "--timeout", "20"], stdin=f, capture_output=True, timeout=60, cwd=ROOT)
+    _one_line_no_traceback(result.stderr)
+    if stdin == "regular":
+        assert (result.returncode, result.stdout) == (1, data)
+    else:  # no input ever comes: the echo guest waits until --timeout
+        assert result.returncode == 124 and result.stdout == b""
+
+
+@pytest.mark.parametrize("value", ["1", "0", "3073", "-5", "x", "1e3"])
+def test_memory_out_of_range_is_one_line_status_1(value):
+    result = run_qkio("--kernel", "hello", f"--memory={value}")
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and "from 2 to 3072 MiB" in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "65", "-1", "two"])
+def test_smp_out_of_range_is_one_line_status_1(value):
+    result = run_qkio("--kernel", "hello", f"--smp={value}")
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and "from 1 to 64" in err, err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308", "-1", "0", "", "soon"])
+def test_timeout_out_of_range_is_one_line_status_1(value):
+    result = run_qkio("--kernel", "hello", f"--timeout={value}")
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and "more than 0 and at most 1e+06" in err, err
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "directory", "dev-full", "fifo"])
+def test_unwritable_trace_is_refused_before_the_guest_runs(where, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = {"missing-dir": "/nonexistent/t.json", "directory": str(tmp_path), "dev-full": "/dev/full",
+            "fifo": str(fifo)}[where]
+    result = run_qkio("--kernel", str(test_kernel("hello")), "--trace", path, timeout=30)
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and result.stdout == b"", err
+    assert err.startswith("qkio: error:") and "--trace" in err
