@@ -109,7 +109,8 @@ def _exit(status: int) -> None:
     status says how the guest ended."""
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: the fd was closed when Python started
+                stream.flush()
         except (OSError, ValueError):
             pass
     os._exit(status)
