@@ -55,7 +55,7 @@ def _raw_lock():
     ``qkio/native/cpu_exec.c``), else a ``threading.Lock``.  Both are plain,
     non-recursive locks with ``acquire(blocking)``, ``release()`` and ``locked()``,
     and both wait with the GIL released."""
-    from qkio import native  # here, not at import: building it is for the first mutex
+    from qkio import native  # an import only: the module was compiled at install, never here
     module = native.load()
     return module.QemuMutex() if module is not None else threading.Lock()
 

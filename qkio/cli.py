@@ -228,7 +228,7 @@ def build_parser():
                      help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)")
     run.add_argument("--exit-path", choices=("native", "python"), default=None,
                      help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
-                          "loop (default: native when it can be built, else python, with a note)")
+                          "loop (default: native when it was built at install, else python, with a note)")
     run.add_argument("--drive", action="append", default=[], metavar="file=IMG[,readonly=on][,serial=S]",
                      help="a raw disk image as a virtio-blk device on virtio-mmio, placed as QEMU's microvm "
                           "places them (first at 0xfeb00e00, IRQ 12); may be repeated")

@@ -68,7 +68,7 @@ class Machine:
     ``"pipe"``.  ``backend``: ``"select"``, ``"poll"`` or ``"epoll"``.
     ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
     ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
-    ``"python"``, or None for native when it can be built.
+    ``"python"``, or None for native when it was built at install.
     ``console``: called with each chunk the UART transmits (default: stdout,
     written by the io thread through :class:`qkio.chardev.CharOutput`).
     ``pit``: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.

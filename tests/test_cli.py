@@ -173,3 +173,4 @@ def test_without_the_native_loop_a_run_says_so_or_refuses():
                             stdin=subprocess.DEVNULL)
     assert insist.returncode == 1 and insist.stdout == b""
     assert b"the native exit loop is not available: QKIO_NATIVE=0" in insist.stderr
+    assert insist.stderr.count(b"\n") == 1 and b"Traceback" not in insist.stderr

@@ -31,12 +31,14 @@ from qkio.machine import STATUS_GUEST_FAILED, Machine
 
 
 def _require_native():
-    """Skip only where the toolchain is missing; a build that fails with it present fails."""
+    """Skip where it was switched off, or (outside CI) not built at install; a stale
+    build, or a missing one in CI, fails."""
     if native.load() is None:
         reason = native.unavailable_reason or ""
-        if "not found on PATH" in reason or reason.startswith(("Python.h not found", "QKIO_NATIVE=0")):
+        in_ci = os.environ.get("CI", "") not in ("", "0", "false")
+        if reason.startswith("QKIO_NATIVE=0") or ("was not built" in reason and not in_ci):
             pytest.skip(f"native exit loop unavailable: {reason}")
-        pytest.fail(f"native exit loop failed to build: {reason}")
+        pytest.fail(f"native exit loop unusable: {reason}")
 
 
 pytestmark = pytest.mark.kvm
@@ -194,13 +196,6 @@ def test_the_python_path_when_asked_and_the_reason_when_native_is_refused():
         "QkioError the native exit loop is not available: QKIO_NATIVE=0 in the environment"]
     with pytest.raises(ValueError, match="exit path must be one of"):
         Machine(exit_path="fast")
-
-
-def test_build_is_cached_by_content(tmp_path):
-    first = native.build(tmp_path)
-    mtime = first.stat().st_mtime_ns
-    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == mtime
-    assert first.name.startswith("_cpu_exec-")
 
 
 def test_bad_arguments_are_refused():

@@ -63,7 +63,7 @@ def qkio_machine(elf, count: int, console=None, **kw):
 def run_qkio(elf, count: int, setup=None, exit_path: str | None = None) -> tuple[float, dict]:
     """Seconds of ``Machine.run()`` and the vCPU's exit counts.  ``setup(machine)``
     runs before the clock starts (e.g. to register an ioeventfd).  ``exit_path``:
-    see :class:`qkio.machine.Machine` (None: native if it can be built)."""
+    see :class:`qkio.machine.Machine` (None: native if it was built at install)."""
     machine = qkio_machine(elf, count, exit_path=exit_path)
     try:
         extra = setup(machine) if setup else None

@@ -433,27 +433,66 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_cpu_exec", "qkio's vCPU exit loop for port I/O, in C.", -1, methods,
-};
+#ifndef QKIO_SOURCE_CRC32
+#error "build with setup.py, which defines QKIO_SOURCE_CRC32 (the CRC-32 of this file)"
+#endif
 
-PyMODINIT_FUNC PyInit__cpu_exec(void)
+static int cpu_exec_exec(PyObject *m)
 {
-    PyObject *m;
-
-    if (!(s_owner = PyUnicode_InternFromString("owner")) ||
+    if (!s_owner && (
+        !(s_owner = PyUnicode_InternFromString("owner")) ||
         !(s_raw_lock = PyUnicode_InternFromString("raw_lock")) ||
         !(s_release = PyUnicode_InternFromString("release")) ||
         !(s_acquire = PyUnicode_InternFromString("acquire")) ||
         !(s_contended = PyUnicode_InternFromString("lock_contended")) ||
         !(s_io_read = PyUnicode_InternFromString("io_read")) ||
-        !(s_io_write = PyUnicode_InternFromString("io_write")))
-        return NULL;
-    if (PyType_Ready(&QemuMutex_Type) < 0 || !(m = PyModule_Create(&module_def)))
-        return NULL;
-    if (PyModule_AddObjectRef(m, "QemuMutex", (PyObject *)&QemuMutex_Type) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+        !(s_io_write = PyUnicode_InternFromString("io_write"))))
+        return -1;
+    if (PyType_Ready(&QemuMutex_Type) < 0 ||
+        PyModule_AddObjectRef(m, "QemuMutex", (PyObject *)&QemuMutex_Type) < 0 ||
+        PyModule_AddIntConstant(m, "SOURCE_CRC32", (long)QKIO_SOURCE_CRC32) < 0)
+        return -1;
+    return 0;
+}
+
+/* What the module declares to the interpreter.
+ *
+ * Py_mod_gil = Py_MOD_GIL_USED: on a free-threaded CPython (3.13t and later)
+ * importing this module turns the GIL back on.  The loop is written for a
+ * world with a GIL: it walks PortBus.table with PyList_GET_ITEM and keeps
+ * the borrowed (device, base, length) tuple while it calls the device --
+ * safe only because no other thread can run PortBus.register() meanwhile --
+ * and QemuMutex's `locked` flag is a plain char that locked() reads from any
+ * thread.  Declaring it GIL-free would need atomics and critical sections in
+ * both places; until then, correct and slower beats fast and racy.
+ *
+ * Py_mod_multiple_interpreters = not supported: QemuMutex is a static type
+ * and the interned names are process-wide, which interpreters with their own
+ * GIL may not share.  (qkio has one interpreter.)
+ *
+ * Both slots exist only in newer Pythons (3.13, 3.12); older ones assume
+ * exactly this. */
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, cpu_exec_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_cpu_exec",
+    .m_doc = "qkio's vCPU exit loop for port I/O, in C.",
+    .m_size = 0,
+    .m_methods = methods,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC PyInit__cpu_exec(void)
+{
+    return PyModuleDef_Init(&module_def);
 }
