@@ -63,6 +63,7 @@ import collections
 import errno
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from . import native
@@ -182,6 +183,7 @@ class CpuThread:
         self.paused = False
         self._state = threading.Condition()  # pause/resume handshakes
         self.finished = threading.Event()
+        self.cpu_time_ns: int | None = None  # set when the thread ends
 
     # --- the thread ------------------------------------------------------------
 
@@ -210,6 +212,9 @@ class CpuThread:
         finally:
             if lock.held_by_me():
                 lock.unlock()
+            # This thread's CPU time, guest time included (KVM_RUN runs the guest
+            # in this thread): what `qkio bench virtio` charges to the vCPU.
+            self.cpu_time_ns = time.thread_time_ns()
             self.finished.set()
 
     def _cpu_loop(self) -> None:

@@ -22,6 +22,8 @@ Each module's docstring says exactly how it measures.
                vs python -c pass, interleaved
 ``ioeventfd``  a guest OUT through KVM_IOEVENTFD vs an exit to qkio
 ``serial``     guest -> UART -> stdout pipe throughput, qkio vs QEMU
+``virtio``     a virtio-blk request: CPU by thread, exits, notify -> interrupt,
+               per notify mode (vcpu, main, iothread; sync or paio), qkio vs QEMU
 =============  ==========================================================
 
 ``--quick`` runs each in a few seconds (what the book uses); the numbers
@@ -47,7 +49,7 @@ from .stats import host_steal_ms, steal_between
 #: Benchmark name -> its module (imported when first used).
 BENCHMARKS = {"signal": "signal_latency", "wakeup": "wakeup", "wait": "wait", "pio": "pio",
               "startup": "startup",
-              "ioeventfd": "ioeventfd", "serial": "serial_throughput"}
+              "ioeventfd": "ioeventfd", "serial": "serial_throughput", "virtio": "virtio"}
 
 
 def benchmark(name: str):

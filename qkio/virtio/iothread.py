@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 from typing import Callable
 
 from ..threads import gettid, start_thread
@@ -41,6 +42,7 @@ class IOThread:
         self._stop = False
         self.tid: int | None = None
         self.error: BaseException | None = None
+        self.cpu_time_ns: int | None = None  # this thread's CPU time, set when it ends
         self.thread = start_thread(self.name, self._run)
 
     def set_fd_handler(self, fd: int, handler: Callable[[int], None] | None) -> None:
@@ -86,6 +88,7 @@ class IOThread:
             self.error = e
         finally:
             self._run_calls()
+            self.cpu_time_ns = time.thread_time_ns()
 
     def _run_calls(self) -> None:
         with self._calls_lock:

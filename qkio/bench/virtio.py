@@ -1,0 +1,194 @@
+"""``virtio``: what the VMM spends per virtio-blk request, per notify mode, qkio and QEMU.
+
+Method
+------
+The ``virtio-blk`` guest (qkio/guests/virtio-blk.s) writes ``count`` sectors
+and reads each back, one request in flight, polling the used ring.  Every
+configuration runs it with ``count=N`` and ``count=small`` pairs in each
+round, alternating configurations within the round, on a fresh 64 KiB image
+each time.  A pair is two requests (OUT + IN), so
+
+    per request = (X(N) - X(small)) / (2 * (N - small))
+
+for each measure X -- which cancels everything that does not grow with N
+(start-up, loading the guest, the probe, FLUSH and GET_ID, shutdown):
+
+* **process CPU** (user + system, from ``wait4``'s rusage): ``qkio run`` and
+  ``qemu-system-x86_64 -M microvm`` as child processes, the same way;
+* **wall time**, of the same child processes;
+* **qkio's CPU by thread** (in this process, ``Machine`` API, sync I/O): the
+  vCPU thread (``time.thread_time_ns`` when it ends; it includes the guest,
+  which runs in that thread), the io thread (around ``Machine.run``), the
+  IOThread (when it ends);
+* **MMIO exits** per request, differenced the same way: 2 with notifies
+  that exit (one per request, plus none for completion: the guest polls),
+  0 when the notify goes through ``KVM_IOEVENTFD``;
+* **notify to completion** inside qkio: from the moment the thread that took
+  the notify starts handling it to the moment it raises the interrupt (or,
+  with ``paio``, from submission to the completion callback's interrupt).
+
+QEMU's three modes: ``-global virtio-mmio.ioeventfd=off`` (the vCPU thread
+handles the notify's exit), the default (ioeventfd, main loop), and
+``iothread=io0``.  The guest runs at kvm_pvm speed (about a thousand times
+slower than hardware), and it *polls*: the vCPU thread's CPU is mostly the
+guest's own, in both VMMs alike.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from .stats import median, summarize
+from .virtio_run import QEMU, fresh_image, guest_report, qemu_microvm_argv
+
+NAME = "virtio"
+TITLE = "virtio-blk request: host CPU and time per request by notify mode, qkio vs QEMU"
+METHOD = ("virtio-blk guest, count=N vs count=small write+read pairs, polling the used ring; per request = "
+          "(X(N) - X(small)) / (2 (N - small)); process CPU from rusage of child processes (qkio run, "
+          "qemu microvm), per-thread CPU from an in-process Machine; configurations alternate per round")
+
+QKIO_MODES = (("vcpu", "sync"), ("main", "sync"), ("iothread", "sync"), ("vcpu", "paio"), ("main", "paio"))
+QEMU_MODES = {"vcpu": ["-global", "virtio-mmio.ioeventfd=off"], "main": [], "iothread": None}
+
+
+def _child(argv, timeout=300) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = proc.stdout.decode("latin-1")
+    if proc.returncode != 33:
+        raise RuntimeError(f"{os.path.basename(argv[0])} exited {proc.returncode}: "
+                           f"{(out + proc.stderr.decode('latin-1')).strip()[-300:]}")
+    return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "wall_s": wall, "report": guest_report(out)}
+
+
+def qkio_argv(elf, image, mode, aio, count):
+    return [sys.executable, "-m", "qkio", "run", "--kernel", str(elf), "--drive", f"file={image}",
+            "--virtio-notify", mode, "--virtio-aio", aio, "--append", f"count={count}"]
+
+
+def qemu_argv(elf, image, mode, count):
+    argv = qemu_microvm_argv(elf, image, iothread=mode == "iothread", count=count)
+    return argv + (QEMU_MODES[mode] or [])
+
+
+def run_in_process(elf, image, mode, count) -> dict:
+    """One run in a Machine of this process: CPU by thread, MMIO exits, handling times."""
+    from qkio.kvm.constants import ExitReason
+    from qkio.machine import Machine
+    out = bytearray()
+    with Machine(memory_mib=8, console=out.extend, log=lambda msg: None,
+                 drives=[(image, False, b"")], virtio_notify=mode) as machine:
+        machine.load_multiboot(elf, append=f"count={count}")
+        board = machine.virtio
+        iothread = board.iothread
+        io0 = time.thread_time_ns()
+        status = machine.run(timeout=300)
+        io_ns = time.thread_time_ns() - io0
+        runner = board.runners[0]
+        facts = {"status": status, "vcpu_ns": machine.cpus[0].cpu_time_ns, "io_ns": io_ns,
+                 "mmio_exits": machine.cpus[0].exit_counts.get(ExitReason.MMIO, 0),
+                 "handling_ns": list(runner.batches_ns), "with_lock": runner.requests_with_lock,
+                 "requests": sum(runner.requests_by_type.values()),
+                 "threads": dict(runner.requests_by_thread)}
+    facts["iothread_ns"] = iothread.cpu_time_ns if iothread is not None else 0
+    if status != 33:
+        raise RuntimeError(f"the guest failed under qkio ({mode}): {out.decode(errors='replace')[-300:]}")
+    return facts
+
+
+def run(quick: bool = False, progress=None, n: int | None = None, small: int | None = None,
+        rounds: int | None = None) -> dict:
+    from qkio.guests import build_guest
+    n = n or (104 if quick else 204)
+    small = small or (4 if quick else 4)
+    rounds = rounds or (3 if quick else 5)
+    elf = build_guest("virtio-blk")
+    have_qemu = os.path.exists(QEMU)
+    per_req = 2 * (n - small)
+    configs = {f"qkio {m}" + (" paio" if a == "paio" else ""): ("qkio", m, a) for m, a in QKIO_MODES}
+    if have_qemu:
+        configs.update({f"qemu {m}": ("qemu", m, None) for m in QEMU_MODES})
+    cpu = {c: [] for c in configs}
+    wall = {c: [] for c in configs}
+    threads = {m: {"vCPU": [], "io thread": [], "IOThread": []} for m, a in QKIO_MODES if a == "sync"}
+    exits = {m: [] for m in threads}
+    handling = {m: [] for m in threads}
+    lock_free = {m: [0, 0] for m in threads}
+    reports = set()
+    with tempfile.TemporaryDirectory(prefix="qkio-bench-virtio-") as tmp:
+        for r in range(rounds):
+            for name, (vmm, mode, aio) in configs.items():
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: {name}")
+                res = {}
+                for count in (small, n):
+                    image = fresh_image(os.path.join(tmp, "disk.img"), sectors=128)
+                    argv = (qkio_argv(elf, image, mode, aio, count) if vmm == "qkio"
+                            else qemu_argv(elf, image, mode, count))
+                    res[count] = _child(argv)
+                    if count == n:
+                        reports.add(tuple(res[count]["report"]))
+                cpu[name].append((res[n]["cpu_s"] - res[small]["cpu_s"]) / per_req * 1e6)
+                wall[name].append((res[n]["wall_s"] - res[small]["wall_s"]) / per_req * 1e6)
+            for mode in threads:
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: qkio {mode}, in process, by thread")
+                res = {count: run_in_process(elf, fresh_image(os.path.join(tmp, "p.img")), mode, count)
+                       for count in (small, n)}
+                for key, field in (("vCPU", "vcpu_ns"), ("io thread", "io_ns"), ("IOThread", "iothread_ns")):
+                    threads[mode][key].append((res[n][field] - res[small][field]) / per_req / 1e3)
+                exits[mode].append((res[n]["mmio_exits"] - res[small]["mmio_exits"]) / per_req)
+                handling[mode].extend(ns / 1e3 for ns in res[n]["handling_ns"])
+                lock_free[mode][0] += res[n]["requests"] - res[n]["with_lock"]
+                lock_free[mode][1] += res[n]["requests"]
+    if len(reports) != 1:
+        raise RuntimeError(f"the guest reported different data on different runs: {sorted(reports)}")
+    result = {"method": METHOD, "count": n, "small": small, "rounds": rounds, "qemu": have_qemu,
+              "guest_report": list(next(iter(reports))),
+              "cpu_us_per_request": {c: summarize(v) for c, v in cpu.items()},
+              "wall_us_per_request": {c: summarize(v) for c, v in wall.items()},
+              "rounds_cpu_us": {c: [round(x, 2) for x in v] for c, v in cpu.items()},
+              "thread_cpu_us_per_request": {m: {k: summarize(v) for k, v in d.items()}
+                                            for m, d in threads.items()},
+              "mmio_exits_per_request": {m: summarize(v) for m, v in exits.items()},
+              "notify_to_interrupt_us": {m: summarize(v) for m, v in handling.items()},
+              "requests_without_lock": {m: {"without": a, "of": b} for m, (a, b) in lock_free.items()}}
+    if have_qemu:
+        result["qkio_over_qemu_cpu"] = {m: verdict(cpu[f"qkio {m}"], cpu[f"qemu {m}"]) for m in QEMU_MODES}
+    return result
+
+
+def verdict(ours: list[float], theirs: list[float]) -> dict:
+    """Median ratio, and whether the two ranges are apart (a winner only then)."""
+    ratio = median(ours) / median(theirs) if median(theirs) > 0 else None
+    apart = min(ours) > max(theirs) or max(ours) < min(theirs)
+    return {"ratio": round(ratio, 2) if ratio is not None else None, "ranges_apart": apart}
+
+
+def table(result: dict) -> list[tuple[str, str]]:
+    rows = []
+    for c, d in result["cpu_us_per_request"].items():
+        w = result["wall_us_per_request"][c]
+        rows.append((f"{c}", f"CPU {d['p50']:.0f} µs/request (min {d['min']:.0f}, max {d['max']:.0f}); "
+                             f"wall {w['p50']:.0f} µs"))
+    for m, d in result["thread_cpu_us_per_request"].items():
+        parts = ", ".join(f"{k} {v['p50']:.0f}" for k, v in d.items())
+        e = result["mmio_exits_per_request"][m]["p50"]
+        h = result["notify_to_interrupt_us"][m]
+        lf = result["requests_without_lock"][m]
+        rows.append((f"qkio {m} by thread", f"{parts} µs/request; MMIO exits/request {e:g}; "
+                                            f"notify->interrupt p50 {h.get('p50', 0):.0f} µs; "
+                                            f"{lf['without']}/{lf['of']} requests without the lock"))
+    for m, v in result.get("qkio_over_qemu_cpu", {}).items():
+        rows.append((f"qkio/qemu CPU, {m}", f"{v['ratio']}x" + ("" if v["ranges_apart"] else
+                                                                 " (ranges overlap: no winner)")))
+    return rows
