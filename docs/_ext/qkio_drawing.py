@@ -69,14 +69,14 @@ PARTS = [
          "around select() and by pre_kvm_run around KVM_RUN", shape="hexagon"),
     Part("eventpipe", "event pipe", "an eventfd and its dup,\n"
          "or a pipe (qemu_eventfd)",
-         (5, 10, 11), "qemu-kvm.c kvm_main_loop L2086-2096; compatfd.c qemu_eventfd L119-143",
+         (5, 11, 12), "qemu-kvm.c kvm_main_loop L2086-2096; compatfd.c qemu_eventfd L119-143",
          shape="cylinder"),
     Part("sigfd", "signal pipe", "signalfd for SIGIO, SIGALRM,\nSIGBUS, or the compat pipe",
-         (6, 7, 8, 10), "qemu-kvm.c kvm_main_loop L2099-2111 (sigprocmask, qemu_signalfd); "
+         (6, 7, 8, 11), "qemu-kvm.c kvm_main_loop L2099-2111 (sigprocmask, qemu_signalfd); "
          "compatfd.c qemu_signalfd L104-117 (SYS_signalfd)", shape="cylinder"),
     Part("compat", "signal thread", "sigwait_compat: sigwaitinfo(),\n"
          "then write() to a pipe",
-         (8, 11), "compatfd.c sigwait_compat L26-68, qemu_signalfd_compat L70-102 "
+         (8, 12), "compatfd.c sigwait_compat L26-68, qemu_signalfd_compat L70-102 "
          "(pipe + detached pthread); used when SYS_signalfd is missing or fails",
          cluster="compat"),
     Part("signals", "signals", "timer: SIGALRM\nhpet, rtc (O_ASYNC): SIGIO\n"
@@ -108,15 +108,15 @@ LINKS = [
          "qemu-kvm.c kvm_main_loop L2103 (sigprocmask), ap_main_loop L1899 (sigfillset)"),
     Link("signals", "compat", "sigwaitinfo()", (8,), "compatfd.c sigwait_compat L26-68",
          style="dashed"),
-    Link("compat", "sigfd", "write(pipe)", (8, 11), "compatfd.c sigwait_compat", style="dashed"),
+    Link("compat", "sigfd", "write(pipe)", (8, 12), "compatfd.c sigwait_compat", style="dashed"),
     Link("sigfd", "select", "readable", (7, 8), "qemu-kvm.c kvm_main_loop L2111"),
     Link("select", "vcpu", "kick:\nSIG_IPI", (3,),
          "qemu-kvm.c L71; on_vcpu L1530, kvm_update_interrupt_request L1582, "
          "pause_all_threads L1805; only unblocked inside KVM_RUN (setup_kernel_sigmask L1840)",
          style="bold"),
-    Link("select", "aio", "request", (7,), "posix-aio-compat.c qemu_paio_submit"),
-    Link("aio", "aiosigfd", "SIGUSR2", (7, 9), "posix-aio-compat.c aio_thread L358"),
-    Link("aiosigfd", "select", "readable", (7,), "posix-aio-compat.c paio_init L636"),
+    Link("select", "aio", "request", (7, 10), "posix-aio-compat.c qemu_paio_submit"),
+    Link("aio", "aiosigfd", "SIGUSR2", (7, 9, 10), "posix-aio-compat.c aio_thread L358"),
+    Link("aiosigfd", "select", "readable", (7, 10), "posix-aio-compat.c paio_init L636"),
 ]
 
 CHAPTERS = {
@@ -129,8 +129,9 @@ CHAPTERS = {
     7: ("07-signal-pipe", "the signal pipe"),
     8: ("08-signalfd", "signalfd or the signal thread"),
     9: ("09-after", "what became of each part"),
-    10: ("10-measurements", "what each path costs"),
-    11: ("11-errata", "the article's errors, part by part"),
+    10: ("10-iothread", "the AIO pool beside an IOThread, virtio-blk"),
+    11: ("11-measurements", "what each path costs"),
+    12: ("12-errata", "the article's errors, part by part"),
 }
 
 CLUSTERS = {
