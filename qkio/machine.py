@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import signal as _signal
 import sys
-from pathlib import Path
 
 from . import trace as _trace
 from .boot import modes
@@ -57,6 +56,36 @@ _EXIT_MMIO = int(ExitReason.MMIO)
 STATUS_POWEROFF = 0         # guest shutdown, or SIGTERM/SIGINT/SIGQUIT (as QEMU: "terminating on signal")
 STATUS_GUEST_FAILED = 2     # triple fault, emulation failure, failed VM entry
 STATUS_TIMEOUT = 124        # --timeout expired (the status timeout(1) uses)
+
+
+def map_file(path: str, what: str):
+    """The contents of the regular file ``path``, mapped, not read.
+
+    Anything else is refused with one line: opening a FIFO for reading would
+    block until a writer came (with every signal blocked, only SIGKILL could
+    end the wait), so the open is non-blocking and the kind is checked on the
+    opened file; /dev/zero would be read until memory ran out.  The file is
+    mapped read-only and private: pages cost nothing until the loader copies
+    them, and only the bytes it copies are ever read.
+    """
+    import mmap
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as e:
+        raise BadKernel(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise BadKernel(f"cannot read {what} {path}: {kind}")
+        if st.st_size == 0:
+            return b""
+        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    except OSError as e:
+        raise BadKernel(f"cannot read {what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 class Machine:
@@ -188,17 +217,13 @@ class Machine:
     def load_multiboot(self, kernel: str | os.PathLike, append: str = "", initrd: str | None = None):
         """Load a Multiboot kernel file as ``qemu -kernel FILE -append ARGS -initrd MODS`` does."""
         path = os.fspath(kernel)
-        try:
-            image = Path(path).read_bytes()
-        except OSError as e:
-            raise BadKernel(f"cannot read kernel {path}: {e.strerror}") from None
+        image = map_file(path, "kernel")
         modules = []
         for item in split_initrd_option(initrd) if initrd else []:
             name = module_file(item)
-            try:
-                modules.append((Path(name).read_bytes(), item))
-            except OSError as e:
-                raise BadKernel(f"cannot read module {name}: {e.strerror}") from None
+            if not name:
+                raise BadKernel(f"empty module name in --initrd {initrd!r} (modules are comma-separated files)")
+            modules.append((map_file(name, "module"), item))
         if self.virtio is not None:
             append += self.virtio.cmdline()  # as QEMU's microvm_fix_kernel_cmdline
         boot = load_multiboot(image, self.memory, kernel_path=path, append=append,

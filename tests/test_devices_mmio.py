@@ -121,3 +121,25 @@ def test_guest_mmio_exits_reach_the_device():
     assert dev.writes == [(8, 4, 0x12345679), (0xC, 1, 0x7B), (0x10, 4, 0xFFFFFFFF)]
     assert exits[ExitReason.MMIO] == 6
     assert logged == ["unassigned memory 0xd0000000 (read, 4 bytes) reads as all ones"]
+
+
+def test_unassigned_reports_are_bounded(capsys):
+    """A guest scanning the 4 GiB hole: REPORT_LIMIT pages reported, one line saying
+    so, the rest only counted -- the record does not grow without bound."""
+    from qkio.devices.mmio import REPORT_LIMIT, MmioBus
+    seen = []
+    bus = MmioBus(on_unassigned=lambda addr, size, w: seen.append(addr))
+    for page in range(10_000):
+        assert bus.read(0xC000_0000 + page * 4096, 4) == 0xFFFFFFFF
+    assert len(seen) == REPORT_LIMIT and len(bus._reported) == REPORT_LIMIT
+    assert bus.unreported == 10_000 - REPORT_LIMIT
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_port_access_past_0xffff_is_reported_at_its_own_port():
+    from qkio.devices.ioport import PortBus
+    seen = []
+    bus = PortBus(on_unassigned=lambda port, size, w: seen.append((port, size)))
+    assert bus.read(0xFFFE, 4) == 0xFFFFFFFF
+    bus.write(0xFFFF, 2, 0x1234)
+    assert seen == [(0xFFFE, 2)] and all(port < 0x10000 for port, _ in seen)

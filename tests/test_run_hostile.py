@@ -201,3 +201,26 @@ def test_unwritable_trace_is_refused_before_the_guest_runs(where, tmp_path):
     err = _one_line_no_traceback(result.stderr)
     assert result.returncode == 1 and result.stdout == b"", err
     assert err.startswith("qkio: error:") and "--trace" in err
+
+
+@pytest.mark.parametrize("option", ["--kernel", "--initrd"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_kernel_or_module_that_is_not_a_regular_file_is_refused(option, kind, tmp_path):
+    """A FIFO with no writer must not hang the open; /dev/zero must not be read
+    until memory runs out; each is one line, status 1."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = {"fifo": str(fifo), "dev-zero": "/dev/zero", "directory": str(tmp_path)}[kind]
+    args = ["--kernel", path] if option == "--kernel" else ["--kernel", "hello", "--initrd", path]
+    start = time.monotonic()
+    result = run_qkio(*args, timeout=30)
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and err.startswith("qkio: error: cannot read"), err
+    assert ("not a regular file" in err) or ("a directory" in err)
+    assert time.monotonic() - start < 20
+
+
+def test_initrd_of_only_commas_names_the_problem():
+    result = run_qkio("--kernel", "hello", "--initrd", ",")
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and "empty module name" in err, err

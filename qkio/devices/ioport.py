@@ -216,7 +216,12 @@ class PortBus:
             done += n
 
     def _report(self, port: int, size: int, is_write: bool) -> None:
-        ports = range(port, port + size)
+        if port >= PORT_COUNT:
+            # The bytes of an access at 0xfffe or 0xffff that fall past the
+            # last port: there is no port 0x10000 to name, and the access was
+            # already reported by its first piece.
+            return
+        ports = range(port, min(port + size, PORT_COUNT))
         if not self._reported.issuperset(ports):
             self._reported.update(ports)
             self.on_unassigned(port, size, is_write)

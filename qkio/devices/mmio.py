@@ -17,7 +17,10 @@ The differences from the port bus follow from the address space:
 * an access that runs off the end of its device, or touches no device, is
   QEMU's ``unassigned_mem_ops`` case (softmmu/physmem.c in QEMU 7.2): reads
   are all ones, writes vanish.  Only the first such access to each 4 KiB page
-  is reported, so that a probing guest does not flood the log.  (The device
+  is reported, and only for the first :data:`REPORT_LIMIT` pages, so that a
+  probing guest (one scanning the 4 GiB hole touches a million pages) neither
+  floods the log nor grows the record without bound -- the port bus is bounded
+  by its 64 Ki ports; this bound plays that part.  (The device
   itself decides about unaligned or odd-sized accesses inside its range; a
   virtio-mmio transport, for one, ignores them as QEMU's does.)
 """
@@ -35,6 +38,8 @@ from qkio.errors import QkioError
 #: Sizes KVM reports in ``kvm_run.mmio.len``, and their all-ones values.
 _ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 ADDRESS_LIMIT = 1 << 64
+#: Distinct pages whose unassigned accesses are reported; later ones are only counted.
+REPORT_LIMIT = 64
 
 
 class MmioConflict(QkioError, ValueError):
@@ -56,6 +61,7 @@ class MmioBus:
         self._bases: list[int] = []                                # sorted
         self._entries: list[tuple[int, int, PortDevice, str]] = []  # (base, end, device, name), same order
         self._reported: set[int] = set()                           # pages already reported
+        self.unreported = 0  # unassigned accesses to pages beyond REPORT_LIMIT
 
     def register(self, base: int, length: int, device: PortDevice, name: str) -> None:
         """Give guest-physical ``base .. base+length-1`` to ``device``."""
@@ -104,9 +110,16 @@ class MmioBus:
 
     def _report(self, addr: int, size: int, is_write: bool) -> None:
         page = addr >> 12
-        if page not in self._reported:
-            self._reported.add(page)
-            self.on_unassigned(addr, size, is_write)
+        if page in self._reported:
+            return
+        if len(self._reported) >= REPORT_LIMIT:
+            self.unreported += 1
+            return
+        self._reported.add(page)
+        self.on_unassigned(addr, size, is_write)
+        if len(self._reported) == REPORT_LIMIT:
+            print(f"qkio: unassigned memory: {REPORT_LIMIT} pages reported; "
+                  f"accesses to further pages are not", file=sys.stderr)
 
 
 # KVM_EXIT_MMIO's fields in the kvm_run page: u64 phys_addr, u8 data[8],
