@@ -150,3 +150,44 @@ def test_paio_with_iothread_is_refused(tmp_path):
     result = run_qkio("--kernel", str(demo_guest("virtio-blk")), "--drive", f"file={image}",
                       "--virtio-notify", "iothread", "--virtio-aio", "paio")
     assert result.returncode == 1 and b"no IOThread" in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", NOTIFY_MODES)
+def test_every_fd_and_thread_is_released(tmp_path, mode):
+    """Image fd, ioeventfd, irqfd, the IOThread's epoll and wake-up fd: all gone after close."""
+    import threading
+
+    from helpers.vmm import open_fds
+    image = fresh_image(tmp_path / "disk.img")
+    run_machine(image, mode)      # warm-up: whatever is created once per process
+    fds, threads = open_fds(), set(threading.enumerate())
+    r = run_machine(image, mode)
+    assert r["status"] == 33
+    assert open_fds() == fds
+    assert not {t.name for t in set(threading.enumerate()) - threads if t.is_alive()}
+
+
+def test_a_bad_drive_leaves_nothing_behind(tmp_path):
+    from helpers.vmm import open_fds
+
+    from qkio.virtio.blk import DriveError
+    fds = open_fds()
+    with pytest.raises(DriveError):
+        Machine(memory_mib=4, console=lambda d: None, log=lambda m: None,
+                drives=[(str(fresh_image(tmp_path / "ok.img")), False, b""),
+                        (str(tmp_path / "missing.img"), False, b"")], virtio_notify="iothread")
+    assert open_fds() == fds
+
+
+def test_two_drives_fill_transports_from_the_top(tmp_path):
+    a, b = fresh_image(tmp_path / "a.img"), fresh_image(tmp_path / "b.img", sectors=64)
+    out = bytearray()
+    with Machine(memory_mib=8, console=out.extend, log=lambda m: None,
+                 drives=[(a, False, b"a"), (b, False, b"b")]) as m:
+        assert m.virtio.cmdline() == (" virtio_mmio.device=512@0xfeb00e00:12"
+                                      " virtio_mmio.device=512@0xfeb00c00:11")
+        m.load_multiboot(demo_guest("virtio-blk"), append="count=2")
+        assert m.run(timeout=60) == 33
+    # The guest probes upwards, so it finds the second drive first.
+    assert guest_report(out.decode())[:3] == ["virtio-blk: found at 0xfeb00c00",
+                                              "virtio-blk: capacity (sectors) 64", "virtio-blk: id b"]
