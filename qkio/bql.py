@@ -121,6 +121,12 @@ class GlobalMutex:
         self.owner = None
         self._release()
 
+    # qemu-kvm 0.12's names for the two calls above (qemu-kvm.c:
+    # qemu_mutex_lock_iothread -> kvm_mutex_lock -> pthread_mutex_lock(&qemu_mutex),
+    # what main_loop_wait does around select()), so that grep finds them here.
+    qemu_mutex_lock_iothread = lock
+    qemu_mutex_unlock_iothread = unlock
+
     def held_by_me(self) -> bool:
         """True if the calling thread holds the lock."""
         return self.owner == threading.get_ident()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import signal as _signal
 import sys
+from collections.abc import Callable
 
 from . import trace as _trace
 from .boot import modes
@@ -45,6 +46,7 @@ from .kvm.exits import SystemEvent, describe_failure
 from .kvm.structs import kvm_run
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 from .main_loop import MainLoop
+from .record import Record
 from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
@@ -88,18 +90,25 @@ def map_file(path: str, what: str):
         os.close(fd)
 
 
-class Machine:
-    """A KVM virtual machine run the qemu-kvm way.
+class MachineConfig(Record):
+    """Everything a :class:`Machine` is built from, in one value (as Firecracker's
+    ``VmConfig``): ``Machine(MachineConfig(smp=2, signals="thread"))``.
 
+    ``memory_mib``, ``smp``: RAM (2..3072 MiB) and vCPUs (1..64).
     ``signals``: ``None`` (the machine takes no signals; right for a library
     or a notebook), or ``"signalfd"``, ``"thread"``, ``"async"``
-    (:class:`qkio.signals.SignalSource`).  ``notify``: ``"eventfd"`` or
+    (:class:`qkio.signals.SignalSource`); ``force_signalfd_failure`` makes
+    signalfd fail as on a pre-2.6.22 kernel.  ``notify``: ``"eventfd"`` or
     ``"pipe"``.  ``backend``: ``"select"``, ``"poll"`` or ``"epoll"``.
     ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
     ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
     ``"python"``, or None for native when it was built at install.
     ``console``: called with each chunk the UART transmits (default: stdout,
     written by the io thread through :class:`qkio.chardev.CharOutput`).
+    ``tracer``: a :class:`qkio.trace.Tracer` (default: the process's).
+    ``log``: called with one-line messages (default: stderr, ``qkio:`` first).
+    ``drives``, ``virtio_notify``, ``virtio_aio``: virtio-blk disks
+    (:mod:`qkio.virtio`).
     ``pit``: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.
     Off by default: no qkio guest programs the timer, and the PIT is a
     kernel worker thread (``kvm-pit/<pid>``) that KVM starts when the PIT is
@@ -108,19 +117,47 @@ class Machine:
     ``qkio bench startup``).  Without it, the PIT's ports are ports nobody
     owns: writes are dropped, reads return all ones.
     """
+    memory_mib: int = 32
+    smp: int = 1
+    signals: str | None = None
+    notify: str = "eventfd"
+    backend: str = "select"
+    kick: str = "immediate_exit"
+    exit_path: str | None = None
+    console: Callable[[bytes], object] | None = None
+    tracer: _trace.Tracer | None = None
+    force_signalfd_failure: bool = False
+    log: Callable[[str], object] | None = None
+    drives: list[tuple[str, bool, bytes]] | None = None
+    virtio_notify: str = "vcpu"
+    virtio_aio: str = "sync"
+    pit: bool = False
 
-    def __init__(self, *, memory_mib: int = 32, smp: int = 1, signals: str | None = None,
-                 notify: str = "eventfd", backend: str = "select", kick: str = "immediate_exit",
-                 exit_path: str | None = None, console=None, tracer: _trace.Tracer | None = None,
-                 force_signalfd_failure: bool = False, log=None,
-                 drives: list[tuple[str, bool, bytes]] | None = None, virtio_notify: str = "vcpu",
-                 virtio_aio: str = "sync", pit: bool = False):
-        if not 1 <= smp <= 64:
-            raise ValueError(f"--smp must be between 1 and 64, not {smp}")
-        if not 2 <= memory_mib <= 3072:  # RAM must reach above 1 MiB, where a kernel loads
-            raise ValueError(f"--memory must be between 2 and 3072 MiB, not {memory_mib}")
-        self.tracer = tracer if tracer is not None else _trace.default
-        self.log = log or (lambda msg: print(f"qkio: {msg}", file=sys.stderr, flush=True))
+    def __post_init__(self) -> None:
+        if not 1 <= self.smp <= 64:
+            raise ValueError(f"--smp must be between 1 and 64, not {self.smp}")
+        if not 2 <= self.memory_mib <= 3072:  # RAM must reach above 1 MiB, where a kernel loads
+            raise ValueError(f"--memory must be between 2 and 3072 MiB, not {self.memory_mib}")
+
+
+class Machine:
+    """A KVM virtual machine run the qemu-kvm way.
+
+    Built from a :class:`MachineConfig` -- ``Machine(config)`` -- or, the
+    same thing, from its fields as keywords: ``Machine(smp=2)`` is
+    ``Machine(MachineConfig(smp=2))``, and ``Machine(config, smp=2)`` is
+    ``config`` with ``smp`` changed.  ``machine.config`` is what it was
+    built from.
+    """
+
+    def __init__(self, config: MachineConfig | None = None, /, **fields):
+        if config is None:
+            config = MachineConfig(**fields)
+        elif fields:
+            config = config._replace(**fields)
+        self.config = config
+        self.tracer = config.tracer if config.tracer is not None else _trace.default
+        self.log = config.log or (lambda msg: print(f"qkio: {msg}", file=sys.stderr, flush=True))
         self.exit_status: int | None = None
         self.exit_message = ""
         self.cpus: list[CpuThread] = []
@@ -128,23 +165,25 @@ class Machine:
         self.virtio = None
         # With the posix-aio-compat pool, SIGUSR2 is the pool's (its own signal fd,
         # as in qemu-kvm 0.12), so the machine's signal source must not take it.
-        self._paio = bool(drives) and virtio_aio == "paio"
+        self._paio = bool(config.drives) and config.virtio_aio == "paio"
         self.console_out: CharOutput | None = None
         self.console_unwritten = 0  # guest output given up on at the end of the run
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
         try:
-            self._build(memory_mib, smp, signals, notify, backend, kick, exit_path, console,
-                        force_signalfd_failure, pit)
-            if drives:
+            self._build(config)
+            if config.drives:
                 from .virtio.board import VirtioBoard
-                self.virtio = VirtioBoard(self, drives, notify=virtio_notify, aio=virtio_aio)
+                self.virtio = VirtioBoard(self, config.drives, notify=config.virtio_notify,
+                                          aio=config.virtio_aio)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, memory_mib, smp, signals, notify, backend, kick, exit_path, console,
-               force_sfd_fail, pit):
+    def _build(self, config: MachineConfig) -> None:
+        memory_mib, smp, signals, kick, exit_path = (config.memory_mib, config.smp, config.signals,
+                                                     config.kick, config.exit_path)
+        console, pit = config.console, config.pit
         install_sig_ipi_handler()
         if signals is not None:
             # No-op in `qkio run`, which blocked them before any thread existed;
@@ -164,7 +203,8 @@ class Machine:
         vm.set_user_memory_region(0, 0, self.memory)
 
         self.lock = GlobalMutex(tracer=self.tracer)
-        self.loop = MainLoop(backend=backend, notifier=notify, lock=self.lock, tracer=self.tracer)
+        self.loop = MainLoop(backend=config.backend, notifier=config.notify, lock=self.lock,
+                             tracer=self.tracer)
 
         if console is None:
             # Guest output goes to stdout through the io thread, never blocking
@@ -203,7 +243,7 @@ class Machine:
             taken = [s for s in VMM_SIGNALS + REALTIME_SIGNALS
                      if not (self._paio and s == _signal.SIGUSR2)]
             self.signal_source = SignalSource(signals, taken, tracer=self.tracer,
-                                              force_signalfd_failure=force_sfd_fail)
+                                              force_signalfd_failure=config.force_signalfd_failure)
             self.signal_source.attach(self.loop)
             for signo in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
                 self.signal_source.add_handler(signo, self._terminate_on_signal)
@@ -365,7 +405,8 @@ class Machine:
                 cpu.start()
 
     def run(self, timeout: float | None = None) -> int:
-        """Run until the guest exits, fails, a signal ends it, or ``timeout`` seconds pass.
+        """Run until the guest exits, fails, a signal ends it, or ``timeout`` seconds pass
+        (qemu-kvm 0.12's ``kvm_main_loop``, also reachable by that name).
 
         The calling thread is the io thread until the run ends.  Returns the
         exit status; :attr:`exit_message` says why.
@@ -381,14 +422,22 @@ class Machine:
         return self.exit_status
 
     def pause(self) -> None:
-        """qemu-kvm's ``pause_all_threads``."""
+        """Stop every vCPU and wait until each says it is paused: qemu-kvm 0.12's
+        ``pause_all_threads`` (qemu-kvm.c), upstream vl.c's ``pause_all_vcpus``."""
         for cpu in self.cpus:
             cpu.pause()
 
     def resume(self) -> None:
-        """qemu-kvm's ``resume_all_threads``."""
+        """Let every paused vCPU run again: qemu-kvm 0.12's ``resume_all_threads``,
+        upstream vl.c's ``resume_all_vcpus``."""
         for cpu in self.cpus:
             cpu.resume()
+
+    # qemu-kvm 0.12's and upstream QEMU's names for the calls above, so that
+    # grepping the book's function names lands here.
+    kvm_main_loop = run
+    pause_all_threads = pause_all_vcpus = pause
+    resume_all_threads = resume_all_vcpus = resume
 
     def stop(self) -> None:
         """Stop every vCPU thread and wait for it."""

@@ -454,6 +454,8 @@ class MainLoop:
         """``qemu_notify_event``: make the io thread's wait return.  Any thread."""
         self.notifier.notify(reason)
 
+    qemu_notify_event = notify_event  # vl.c's name, for grep
+
     def request_exit(self) -> None:
         """Make ``run()`` return after the current iteration.  Any thread."""
         self._exit_requested = True

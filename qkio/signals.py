@@ -297,26 +297,40 @@ class SignalSource:
         if method == "async":
             self.path = "async"
             return
-        if method == "signalfd":
+        self.read_fd = self.qemu_signalfd(force_signalfd_failure)
+
+    def qemu_signalfd(self, force_failure: bool = False) -> int:
+        """compatfd.c's ``qemu_signalfd``: an fd that yields one 128-byte record per signal.
+
+        A ``signalfd(2)`` when the method is ``"signalfd"`` and the kernel has
+        it; otherwise -- asked for ``"thread"``, or signalfd failed (ENOSYS on a
+        kernel before 2.6.22; ``force_failure`` fakes that) -- the read end of
+        :meth:`qemu_signalfd_compat`'s pipe.  Sets :attr:`path` to what it chose.
+        """
+        if self.method == "signalfd":
             try:
-                if force_signalfd_failure:
+                if force_failure:
                     raise OSError(errno.ENOSYS, "signalfd: forced failure (test)")
-                self.read_fd = signalfd(self.signals)
+                fd = signalfd(self.signals)
                 self.path = "signalfd"
-                return
+                return fd
             except OSError as e:
                 self.signalfd_error = e
                 self.tracer.instant("signalfd failed, using a signal thread", error=str(e))
         self.path = "thread"
-        self._start_sigwait_thread()
+        return self.qemu_signalfd_compat()
 
     # -- the signal thread (compatfd.c) ----------------------------------------
 
-    def _start_sigwait_thread(self) -> None:
+    def qemu_signalfd_compat(self) -> int:
+        """compatfd.c's ``qemu_signalfd_compat``: a pipe and a thread (``sigwait_compat``,
+        here :meth:`_sigwait_loop`) that writes a record into it per signal; returns the
+        pipe's read end."""
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)  # the io thread reads until EAGAIN
-        self.read_fd, self._write_fd = r, w
+        self._write_fd = w
         self.thread = start_thread(self.thread_name, self._sigwait_loop, daemon=True)
+        return r
 
     def _sigwait_loop(self) -> None:
         # sigwaitinfo only takes signals that are blocked; blocking them again

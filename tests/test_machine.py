@@ -5,7 +5,9 @@ took -- 500 times over.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import threading
 import time
 
@@ -14,7 +16,7 @@ from helpers.vmm import demo_guest, open_fds, run_in_thread, saved_sigmask, test
 
 from qkio.errors import BadKernel
 from qkio.kvm.constants import ExitReason
-from qkio.machine import STATUS_GUEST_FAILED, STATUS_POWEROFF, STATUS_TIMEOUT, Machine
+from qkio.machine import STATUS_GUEST_FAILED, STATUS_POWEROFF, STATUS_TIMEOUT, Machine, MachineConfig
 
 
 pytestmark = pytest.mark.kvm
@@ -159,3 +161,33 @@ def test_500_machines_leak_no_fd_and_no_thread():
     assert open_fds() == fds
     assert set(threading.enumerate()) == threads
     assert len(os.listdir("/proc/self/task")) == tasks
+
+
+def test_a_config_object_and_keywords_build_the_same_machine():
+    config = MachineConfig(memory_mib=4, smp=2, exit_path="python")
+    with Machine(config) as a, Machine(memory_mib=4, smp=2, exit_path="python") as b, \
+            Machine(config, smp=1) as c:
+        assert a.config == b.config == config and c.config == config._replace(smp=1)
+        assert (len(a.cpus), len(b.cpus), len(c.cpus)) == (2, 2, 1)
+        assert a.cpus[0].exit_path == "python"
+    with pytest.raises(TypeError, match="unexpected field 'smpp'"):
+        Machine(smpp=2)
+    with pytest.raises(ValueError, match="--smp must be between 1 and 64"):
+        MachineConfig(smp=65)
+
+
+def test_qemu_kvm_names_lead_to_their_counterparts():
+    from qkio.bql import GlobalMutex
+    from qkio.main_loop import MainLoop
+    from qkio.notify import EventNotifier
+    from qkio.signals import SignalSource
+    assert Machine.kvm_main_loop is Machine.run
+    assert Machine.pause_all_vcpus is Machine.pause_all_threads is Machine.pause
+    assert Machine.resume_all_vcpus is Machine.resume
+    assert GlobalMutex.qemu_mutex_lock_iothread is GlobalMutex.lock
+    assert GlobalMutex.qemu_mutex_unlock_iothread is GlobalMutex.unlock
+    assert EventNotifier.qemu_event_increment is EventNotifier.qemu_kvm_notify_work is EventNotifier.notify
+    assert MainLoop.qemu_notify_event is MainLoop.notify_event
+    with SignalSource("signalfd", [signal.SIGUSR2], force_signalfd_failure=True) as source:
+        assert source.path == "thread" and source.signalfd_error.errno == errno.ENOSYS
+        assert callable(source.qemu_signalfd) and callable(source.qemu_signalfd_compat)
