@@ -64,7 +64,7 @@ myst_heading_anchors = 3
 
 nb_execution_mode = "cache"
 nb_execution_cache_path = str(ROOT / "_build" / ".jupyter_cache")
-nb_execution_timeout = 300          # per cell; guests run at ~1M instructions/s on this host (chapter 10 measures it)
+nb_execution_timeout = 300          # per cell; guests run at ~1M instructions/s on this host (chapter 11 measures it)
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True         # ...and says why (timeouts included)
 nb_execution_excludepatterns = ["notebooks/*.ipynb"]  # goldens are never re-run
