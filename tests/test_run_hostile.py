@@ -224,3 +224,80 @@ def test_initrd_of_only_commas_names_the_problem():
     result = run_qkio("--kernel", "hello", "--initrd", ",")
     err = _one_line_no_traceback(result.stderr)
     assert result.returncode == 1 and "empty module name" in err, err
+
+
+# --- signals during start-up (section 5) ------------------------------------------
+
+
+def _sigblk_has_sigterm(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigBlk:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
+@pytest.mark.parametrize("path", SIGNAL_PATHS)
+def test_signal_at_the_first_moment_of_main_acts_as_it_would_later(path, signo):
+    """Sent as soon as main() has blocked the signals (long before the main loop
+    exists): it stays pending, and the signal path takes it once built.  The
+    run ends as it would later -- status 0 for SIGTERM/SIGINT/SIGQUIT, a
+    report and then the timeout for SIGHUP -- never death by the signal, never
+    a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([*QKIO_RUN, "--kernel", "spin", "--timeout", "3", "--signals", path],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd=ROOT)
+    try:
+        while not _sigblk_has_sigterm(proc.pid):
+            assert proc.poll() is None
+        proc.send_signal(signo)
+        status = proc.wait(20)
+        err = proc.stderr.read().decode(errors="replace")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert "Traceback" not in err, err
+    if signo == signal.SIGHUP:
+        assert status == 124 and "signals taken through" in err, err
+    else:
+        assert status == 0 and f"terminating on signal {int(signo)}" in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_early_block_covers_every_signal_the_run_takes():
+    from qkio import cli
+    from qkio.signals import REALTIME_SIGNALS, VMM_SIGNALS
+    assert set(VMM_SIGNALS) | set(REALTIME_SIGNALS) <= cli._early_signals()
+
+
+@pytest.mark.parametrize("signo", [signal.SIGINT, signal.SIGQUIT])
+def test_ctrl_c_and_ctrl_backslash_restore_the_terminal(signo, tmp_path):
+    """On a terminal qkio turns off ICANON and ECHO for the guest; the signals a
+    user types (Ctrl-C is SIGINT, Ctrl-\\ is SIGQUIT) must both give it back."""
+    import pty
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    assert before[3] & termios.ECHO and before[3] & termios.ICANON
+    out = open(tmp_path / "out", "wb")
+    proc = subprocess.Popen([*QKIO_RUN, "--kernel", "spin", "--timeout", "30"], stdin=slave, stdout=out,
+                            stderr=subprocess.PIPE, start_new_session=True, cwd=ROOT)
+    try:
+        wait_until(lambda: not termios.tcgetattr(slave)[3] & termios.ECHO, 20, "qkio to set the terminal up")
+        proc.send_signal(signo)
+        status = proc.wait(10)
+        err = proc.stderr.read().decode(errors="replace")
+        after = termios.tcgetattr(slave)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+        out.close()
+        os.close(master)
+        os.close(slave)
+    assert status == 0 and f"terminating on signal {int(signo)}" in err, err
+    assert after == before
