@@ -1,7 +1,7 @@
 """``qkio``: the command line, in the spirit of ``qemu-system-x86_64``.
 
 ``qkio run --kernel FILE [--append ARGS] [--initrd FILES] [--smp N]
-[--memory MiB] [--timeout S] [--signals ...] [--notify ...] [--drive file=IMG]
+[--memory MiB] [--timeout S] [--signals ...] [--clock ...] [--notify ...] [--drive file=IMG]
 [--virtio-notify vcpu|main|iothread] [--trace FILE]``
 
 The order of the first steps of :func:`run_main` is the point of the whole
@@ -29,14 +29,21 @@ exit status:
   2              the guest failed: triple fault, emulation failure, failed VM entry
   124            --timeout expired
   70             an internal error in qkio (a bug: please report it)
-signals:
+signals (all taken by the io thread through the --signals path):
   SIGTERM, SIGINT, SIGQUIT  power the guest off and exit 0 (the terminal is
                    restored); blocked from the first thing qkio does, so one
                    sent during start-up ends the run the same way.  A signal
                    sent while the Python interpreter itself is still starting,
                    before qkio's code runs, has its default effect.
-  SIGHUP, SIGUSR2  print each vCPU's registers and exit counts, and the signals
+  SIGHUP           print each vCPU's registers and exit counts, and the signals
                    taken so far, to stderr
+  SIGALRM, SIGIO   with --clock alarm, the alarm clock (host_alarm_handler);
+                   otherwise counted
+  SIGUSR2          the AIO pool's completion signal (a second signal fd, as
+                   posix-aio-compat in qemu-kvm 0.12); from outside, harmless
+  SIGBUS           qemu-kvm 0.12's sigbus_handler: a memory error that is
+                   action-optional is ignored, action-required ends the run
+                   (status 2), any other SIGBUS is re-raised and kills qkio
   SIGRTMIN..SIGRTMAX  counted; they queue, so none is lost through signalfd or
                    the signal thread (Python's async handlers coalesce a burst)
 console:
@@ -226,6 +233,10 @@ def build_parser():
                      help="the wait in main_loop_wait (default select)")
     run.add_argument("--kick", choices=("immediate_exit", "signal_mask"), default="immediate_exit",
                      help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)")
+    run.add_argument("--clock", choices=("deadline", "alarm"), default="deadline",
+                     help="what wakes the io thread for a timer: deadline = the next timer's deadline "
+                          "is the wait's timeout (modern QEMU; default); alarm = a POSIX timer's "
+                          "SIGALRM through the --signals path (qemu-kvm 0.12's dynticks)")
     run.add_argument("--exit-path", choices=("native", "python"), default=None,
                      help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
                           "loop (default: native when it was built at install, else python, with a note)")
@@ -376,7 +387,7 @@ def _run_machine(args, closed, trace, QkioError, Machine, trace_fd) -> int:
                           notify=args.notify, backend=args.backend, kick=args.kick,
                           exit_path=args.exit_path, tracer=tracer, drives=drives,
                           virtio_notify=virtio_notify, virtio_aio=virtio_aio, pit=args.pit,
-                          console=console)
+                          console=console, clock=args.clock)
     except (QkioError, ValueError) as e:
         return _error(str(e))
     if args.exit_path is None and machine.cpus[0].exit_path == "python":

@@ -14,8 +14,13 @@ Threads, and who holds the global lock
 * Each vCPU has a **vCPU thread** (:mod:`qkio.cpus`) that drops the global
   lock around ``KVM_RUN`` and takes it again to emulate the device an exit
   touched.
-* With ``signals="thread"`` there is also the **signal thread**,
-  ``qkio-sigwait`` (:mod:`qkio.signals`).
+* With ``signals="thread"`` there are also two **signal threads**, as in
+  0.12's compat mode: ``qkio-sigwait`` for the VMM's own signal fd (SIGIO,
+  SIGALRM, SIGBUS and qkio's SIGTERM/SIGINT/SIGQUIT/SIGHUP) and
+  ``qkio-aio-sigwt`` for the AIO pool's SIGUSR2 (:mod:`qkio.signals`,
+  :mod:`qkio.posix_aio_compat`).
+* A machine that takes signals has the **AIO pool** (``machine.paio``); its
+  worker threads ``qkio-aioN`` exist while there is I/O to do.
 
 A device model therefore always runs with the lock held, whichever thread
 got there, so the models need no locking of their own.
@@ -45,11 +50,14 @@ from .kvm.constants import ExitReason
 from .kvm.exits import SystemEvent, describe_failure
 from .kvm.structs import kvm_run
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
+from .alarm_timer import check_clock
 from .main_loop import MainLoop
+from .posix_aio_compat import AIO_SIGNAL, paio_init
 from .record import Record
 from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
+BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5  # <asm-generic/siginfo.h>: si_code of a memory-error SIGBUS
 _EXIT_AT = kvm_run.exit.offset  # where the exit union sits in the kvm_run page
 _EXIT_MMIO = int(ExitReason.MMIO)
 
@@ -116,6 +124,9 @@ class MachineConfig(Record):
     stop alone takes longer than the rest of a whole run's teardown (see
     ``qkio bench startup``).  Without it, the PIT's ports are ports nobody
     owns: writes are dropped, reads return all ones.
+    ``clock``: ``"deadline"`` (the next timer deadline is the wait's timeout,
+    as modern QEMU) or ``"alarm"`` (0.12's dynticks: a POSIX timer's SIGALRM
+    through the signal path; needs ``signals``), :mod:`qkio.alarm_timer`.
     """
     memory_mib: int = 32
     smp: int = 1
@@ -132,12 +143,17 @@ class MachineConfig(Record):
     virtio_notify: str = "vcpu"
     virtio_aio: str = "sync"
     pit: bool = False
+    clock: str = "deadline"
 
     def __post_init__(self) -> None:
         if not 1 <= self.smp <= 64:
             raise ValueError(f"--smp must be between 1 and 64, not {self.smp}")
         if not 2 <= self.memory_mib <= 3072:  # RAM must reach above 1 MiB, where a kernel loads
             raise ValueError(f"--memory must be between 2 and 3072 MiB, not {self.memory_mib}")
+        check_clock(self.clock)
+        if self.clock == "alarm" and self.signals is None:
+            raise ValueError("--clock alarm needs a signal path (signals=signalfd, thread or "
+                             "async): its SIGALRM reaches the io thread through it")
 
 
 class Machine:
@@ -161,11 +177,8 @@ class Machine:
         self.exit_status: int | None = None
         self.exit_message = ""
         self.cpus: list[CpuThread] = []
-        self.kvm = self.vm = self.memory = self.loop = self.signal_source = None
+        self.kvm = self.vm = self.memory = self.loop = self.signal_source = self.paio = None
         self.virtio = None
-        # With the posix-aio-compat pool, SIGUSR2 is the pool's (its own signal fd,
-        # as in qemu-kvm 0.12), so the machine's signal source must not take it.
-        self._paio = bool(config.drives) and config.virtio_aio == "paio"
         self.console_out: CharOutput | None = None
         self.console_unwritten = 0  # guest output given up on at the end of the run
         self._stdin_fd: int | None = None
@@ -240,17 +253,25 @@ class Machine:
         setup_lint(self.cpus[0].vcpu)
 
         if signals is not None:
-            taken = [s for s in VMM_SIGNALS + REALTIME_SIGNALS
-                     if not (self._paio and s == _signal.SIGUSR2)]
-            self.signal_source = SignalSource(signals, taken, tracer=self.tracer,
+            # Two signal fds, as in 0.12: kvm_main_loop's (here with qkio's own
+            # signals too) and paio_init's, for SIGUSR2 alone.
+            own = tuple(s for s in VMM_SIGNALS if s != AIO_SIGNAL) + REALTIME_SIGNALS
+            self.signal_source = SignalSource(signals, own, tracer=self.tracer,
                                               force_signalfd_failure=config.force_signalfd_failure)
             self.signal_source.attach(self.loop)
             for signo in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
                 self.signal_source.add_handler(signo, self._terminate_on_signal)
-            for signo in (_signal.SIGHUP,) + (() if self._paio else (_signal.SIGUSR2,)):
-                self.signal_source.add_handler(signo, self._report_state)
+            self.signal_source.add_handler(_signal.SIGHUP, self._report_state)
+            self.signal_source.add_handler(_signal.SIGBUS, self.sigbus_handler)
             for signo in REALTIME_SIGNALS:  # counted by the source, nothing more
                 self.signal_source.add_handler(signo, lambda info: None)
+            if config.clock == "alarm":
+                self.loop.init_timer_alarm(self.signal_source)
+            else:  # SIGALRM/SIGIO from outside: counted, nothing more
+                for signo in (_signal.SIGALRM, _signal.SIGIO):
+                    self.signal_source.add_handler(signo, lambda info: None)
+            self.paio = paio_init(self.loop, method=signals, tracer=self.tracer,
+                                  force_signalfd_failure=config.force_signalfd_failure)
 
     # --- loading a guest ---------------------------------------------------------
 
@@ -370,12 +391,32 @@ class Machine:
         self.request_exit(STATUS_POWEROFF, f"terminating on signal {info.signo} from pid {info.pid}")
 
     def _report_state(self, info) -> None:
-        """SIGHUP/SIGUSR2: each vCPU's registers and exits, and the signals taken so far."""
+        """SIGHUP: each vCPU's registers and exits, and the signals taken so far."""
         for cpu in self.cpus:
             print(self.describe_cpu(cpu), file=sys.stderr, flush=True)
         source = self.signal_source
-        taken = " ".join(f"{signal_name(signo)}={n}" for signo, n in sorted(source.received.items()))
+        received = dict(source.received)
+        if self.paio is not None and self.paio.source is not None:
+            received.update(self.paio.source.received)
+        taken = " ".join(f"{signal_name(signo)}={n}" for signo, n in sorted(received.items()))
         print(f"signals taken through {source.path}: {taken}", file=sys.stderr, flush=True)
+
+    def sigbus_handler(self, info) -> None:
+        """SIGBUS taken by the io thread: what qemu-kvm 0.12's ``sigbus_handler`` did
+        without MCE emulation (qkio has none): an action-optional memory error
+        (``BUS_MCEERR_AO``) is ignored, an action-required one (``BUS_MCEERR_AR``)
+        ends the run (status 2; 0.12 exited), any other SIGBUS is re-raised with
+        the default action (``sigbus_reraise``), which ends the process."""
+        if info.code == BUS_MCEERR_AO:
+            self.log(f"SIGBUS from pid {info.pid}: action-optional memory error, ignored")
+        elif info.code == BUS_MCEERR_AR:
+            self.request_exit(STATUS_GUEST_FAILED, "Hardware memory error!")
+        else:
+            self.log(f"SIGBUS (si_code {info.code}) is not a memory error: re-raised")
+            _signal.signal(_signal.SIGBUS, _signal.SIG_DFL)
+            _signal.raise_signal(_signal.SIGBUS)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGBUS})
+            raise QkioError("failed to re-raise SIGBUS")
 
     def describe_cpu(self, cpu: CpuThread) -> str:
         if cpu.finished.is_set() or cpu.thread is None:
@@ -458,6 +499,9 @@ class Machine:
         """Release every thread and fd the machine owns (idempotent)."""
         if self.cpus and any(c.thread is not None and not c.finished.is_set() for c in self.cpus):
             self.stop()
+        if self.paio is not None:  # first: its workers may still be writing guest RAM
+            self.paio.close()
+            self.paio = None
         if self.signal_source is not None:
             self.signal_source.close()
             self.signal_source = None

@@ -31,11 +31,14 @@ again, even if its fd was already in this round's ready set.
 with an fd set built before the change -- a new fd would not be watched until
 the timeout.  Same here, through the ``EventNotifier``.
 
-**Timers.**  In qemu-kvm 0.12 timers were driven by an alarm signal (SIGALRM
-from a host timer), which came back to the io thread through the signal pipe
-and then ``qemu_notify_event``.  qkio folds the next deadline into the wait's
-timeout instead, as modern QEMU does; ``mod_timer`` from another thread rings
-the doorbell so the sleeping io thread recomputes its timeout.
+**Timers: two clocks.**  In qemu-kvm 0.12 timers were driven by an alarm
+signal: ``main_loop_wait(1000)`` never shortened its timeout for a timer, and
+a POSIX timer raising SIGALRM came back to the io thread through the signal
+pipe, where ``host_alarm_handler`` rang the doorbell.  ``init_timer_alarm``
+gives a loop that clock (:mod:`qkio.alarm_timer`, ``--clock alarm``).  By
+default (``--clock deadline``) the loop folds the next deadline into the
+wait's timeout instead, as modern QEMU does; then ``mod_timer`` from another
+thread rings the doorbell so the sleeping io thread recomputes its timeout.
 
 **Bottom halves** are callbacks that the io thread runs at the end of an
 iteration.  ``schedule()`` may be called from any thread (it sets a flag and
@@ -62,11 +65,13 @@ import errno
 import heapq
 import itertools
 import select
+import signal
 import threading
 import time
 from collections.abc import Callable
 
 from qkio import trace
+from qkio.alarm_timer import DynticksAlarm
 from qkio.bql import GlobalMutex
 from qkio.notify import EventNotifier
 
@@ -372,6 +377,7 @@ class MainLoop:
         self._bhs: list[QEMUBH] = []
         self._exit_requested = False
         self.io_thread: int | None = None  # threading.get_ident() of the last waiter
+        self.alarm_timer: DynticksAlarm | None = None  # set by init_timer_alarm (--clock alarm)
         self.iterations = 0
         # Registered directly: nobody can be waiting yet, so no doorbell.
         self._handlers.append(IOHandlerRecord(self.notifier.read_fd, None,
@@ -425,10 +431,39 @@ class MainLoop:
     def timer_new(self, cb: Callable[[Any], Any], opaque: Any = None) -> QEMUTimer:
         return QEMUTimer(self, cb, opaque)
 
+    @property
+    def clock(self) -> str:
+        """``"alarm"`` after :meth:`init_timer_alarm`, else ``"deadline"``."""
+        return "deadline" if self.alarm_timer is None else "alarm"
+
+    def init_timer_alarm(self, source) -> DynticksAlarm:
+        """Drive the timers by alarm signal, as 0.12 did (``init_timer_alarm``).
+
+        ``source`` is the :class:`~qkio.signals.SignalSource` that takes
+        SIGALRM (attached to this loop, or ``"async"``).  From now on the wait's
+        timeout ignores the timers; a POSIX timer's SIGALRM, handled by
+        ``host_alarm_handler``, wakes the loop instead.
+        """
+        if self.alarm_timer is not None:
+            raise RuntimeError("this loop already has an alarm timer")
+        if signal.SIGALRM not in source.signals:
+            raise ValueError("the alarm clock needs a signal source that takes SIGALRM")
+        alarm = DynticksAlarm(self)
+        alarm.start(source)
+        self.alarm_timer = alarm
+        alarm.qemu_rearm_alarm_timer()
+        return alarm
+
     def _mod_timer(self, t: QEMUTimer, deadline_ns: int) -> None:
         t._gen += 1
         t.expire_ns = deadline_ns
         heapq.heappush(self._timers, (deadline_ns, next(self._seq), t._gen, t))
+        if self.alarm_timer is not None:
+            # qemu_mod_timer: re-arm the alarm if this timer is now the first;
+            # no doorbell -- the alarm's signal is what wakes the loop.
+            if self._next_deadline() == deadline_ns:
+                self.alarm_timer.timer_modified()
+            return
         if threading.get_ident() != self.io_thread and self._next_deadline() == deadline_ns:
             # The io thread may be asleep with a longer timeout.
             self.notify_event("timer")
@@ -482,8 +517,8 @@ class MainLoop:
         for bh in self._bhs:
             if bh.scheduled and not bh.deleted:
                 timeout_ns = min(timeout_ns, 10_000_000 if bh.idle else 0)
-        deadline = self._next_deadline()
-        if deadline is not None:
+        deadline = self._next_deadline() if self.alarm_timer is None else None
+        if deadline is not None:  # --clock deadline; 0.12 (alarm) never did this
             timeout_ns = min(timeout_ns, max(0, deadline - time.monotonic_ns()))
 
         # 2. the fd sets
@@ -520,7 +555,9 @@ class MainLoop:
         if any(rec.deleted for rec in self._handlers):
             self._handlers = [rec for rec in self._handlers if not rec.deleted]
 
-        # 5. timers
+        # 5. timers (with the alarm clock, first "rearm timer, if not periodic")
+        if self.alarm_timer is not None:
+            self.alarm_timer.after_wait()
         now = time.monotonic_ns()
         while True:
             deadline = self._next_deadline()
@@ -577,6 +614,8 @@ class MainLoop:
         self._exit_requested = False
 
     def close(self) -> None:
+        if self.alarm_timer is not None:
+            self.alarm_timer.stop()
         self.backend.close()
         self.notifier.close()
 

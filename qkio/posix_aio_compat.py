@@ -43,8 +43,9 @@ The process-directed signal is also why the pool only works in a process
 whose every thread blocks SIGUSR2 -- ``qkio run`` (which blocks it first
 thing) or a child made for the purpose.  In a process with a thread that does
 not block it (a Jupyter kernel's), SIGUSR2 would be delivered to that thread
-with its default action, which terminates the process.  ``paio_init`` checks
-the threads' masks in /proc and refuses, rather than let that happen.
+with its default action, which terminates the process.  The first
+``paio_submit`` checks the threads' masks in /proc and refuses, rather than
+let that happen.
 
 The "virtio" work (issue 14) uses this pool for its block device; its API is
 :func:`paio_init`, :meth:`~PosixAioState.paio_submit`,
@@ -64,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from qkio import trace
-from qkio.signals import SignalSource, blocked_signals
+from qkio.signals import SignalSource, threads_taking
 from qkio.threads import start_thread
 
 __all__ = ["QEMU_AIO_READ", "QEMU_AIO_WRITE", "QEMU_AIO_FLUSH", "AIO_SIGNAL",
@@ -145,18 +146,11 @@ class PosixAioState:
         self._workers: list[threading.Thread] = []
         self.source: SignalSource | None = None
 
-        # "Make sure to block AIO signal" -- in the calling thread, then check
-        # that no other thread would take it instead of the signal fd.
+        # "Make sure to block AIO signal" -- in the calling thread.  Whether
+        # every other thread blocks it too is checked before the first worker
+        # exists (paio_submit): until then nobody sends SIGUSR2.
         signal.pthread_sigmask(signal.SIG_BLOCK, {AIO_SIGNAL})
-        if check_masks and method != "async":
-            open_to_it = [tid for tid in os.listdir("/proc/self/task")
-                          if AIO_SIGNAL not in _blocked_or_gone(tid)]
-            if open_to_it:
-                raise RuntimeError(
-                    f"paio_init: thread(s) {', '.join(open_to_it)} of this process do not block "
-                    f"SIGUSR2, so a worker's kill(getpid(), SIGUSR2) could be delivered there "
-                    f"(default action: terminate); block it before starting threads "
-                    f"(qkio.signals.block_vmm_signals) or use the pool in a child process")
+        self._check_masks = check_masks and method != "async"
         self.source = SignalSource(method, (AIO_SIGNAL,), tracer=self.tracer,
                                    force_signalfd_failure=force_signalfd_failure,
                                    thread_name="qkio-aio-sigwt")
@@ -200,6 +194,19 @@ class PosixAioState:
             raise ValueError(f"aio_type must be QEMU_AIO_READ, _WRITE or _FLUSH, not {aio_type!r}")
         if offset < 0:
             raise ValueError(f"offset must not be negative, not {offset}")
+        if self._check_masks:
+            # The compat signal thread shows SIGUSR2 unblocked while it sits in
+            # sigwaitinfo (the kernel lifts the waited set from the mask for
+            # the wait): it is the one thread that is meant to take it.
+            own = self.source.thread.native_id if self.source.thread is not None else None
+            open_to_it = [t for t in threads_taking(AIO_SIGNAL) if t != own]
+            if open_to_it:
+                raise RuntimeError(
+                    f"paio_submit: thread(s) {', '.join(map(str, open_to_it))} of this process "
+                    f"do not block SIGUSR2, so a worker's kill(getpid(), SIGUSR2) could be "
+                    f"delivered there (default action: terminate); block it before starting "
+                    f"threads (qkio.signals.block_vmm_signals) or use the pool in a child process")
+            self._check_masks = False
         views = [memoryview(b).cast("B") for b in iov]
         if aio_type == QEMU_AIO_READ and any(v.readonly for v in views):
             raise ValueError("a read needs writable buffers (bytearray, memoryview of one, mmap)")
@@ -387,13 +394,6 @@ class PosixAioState:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _blocked_or_gone(tid: str) -> set[int]:
-    try:
-        return blocked_signals(tid)
-    except FileNotFoundError:  # the thread ended while we looked
-        return {AIO_SIGNAL}
 
 
 def paio_init(loop, *, method: str = "signalfd", max_threads: int = 64,

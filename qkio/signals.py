@@ -90,14 +90,16 @@ from qkio.threads import start_thread
 from qkio.libc import libc as _libc
 
 __all__ = ["VMM_SIGNALS", "SIGNALFD_SIGINFO_SIZE", "SigInfo", "SignalSource",
-           "block_vmm_signals", "blocked_signals", "signalfd", "thread_count"]
+           "block_vmm_signals", "blocked_signals", "signalfd", "thread_count", "threads_taking"]
 
-#: The signals a qkio VMM takes synchronously (qemu-kvm 0.12 blocked SIGIO,
-#: SIGALRM and SIGBUS in the io thread, and SIGUSR2 for posix-aio; qkio adds the
-#: termination signals so that shutdown is also handled in the io thread --
-#: SIGQUIT too, so that Ctrl-\ restores the terminal as Ctrl-C does).
+#: The signals a qkio VMM takes synchronously: qemu-kvm 0.12's -- SIGIO and
+#: SIGALRM (the clock), SIGBUS (memory errors) in ``kvm_main_loop``'s signal fd,
+#: SIGUSR2 (posix-aio-compat completions) in ``paio_init``'s -- plus the
+#: termination signals, so that shutdown is also handled in the io thread --
+#: SIGQUIT too, so that Ctrl-\ restores the terminal as Ctrl-C does.
 VMM_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                signal.SIGUSR2, signal.SIGALRM, signal.SIGIO, signal.SIGQUIT)
+                                signal.SIGUSR2, signal.SIGALRM, signal.SIGIO, signal.SIGQUIT,
+                                signal.SIGBUS)
 
 #: The POSIX real-time signals (SIGRTMIN..SIGRTMAX as glibc numbers them; the
 #: two below SIGRTMIN are glibc's own).  ``qkio run`` takes them too, and only
@@ -240,6 +242,19 @@ def block_vmm_signals(signals: Iterable[int] = VMM_SIGNALS, *, check: bool = Tru
     return signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
 
 
+def threads_taking(signo: int) -> list[int]:
+    """The threads of this process that do not block ``signo`` (a process-directed
+    ``signo`` may be delivered to any of them)."""
+    open_to_it = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            if signo not in blocked_signals(tid):
+                open_to_it.append(int(tid))
+        except FileNotFoundError:  # the thread ended while we looked
+            pass
+    return sorted(open_to_it)
+
+
 def blocked_signals(tid: int | str = "self") -> set[int]:
     """The signals blocked by thread ``tid`` of this process (SigBlk in /proc)."""
     path = "/proc/self/status" if tid == "self" else f"/proc/self/task/{tid}/status"
@@ -260,7 +275,8 @@ class SignalSource:
     """The VMM's signals, delivered to per-signal handlers in the io thread.
 
     ``SignalSource(method="signalfd"|"thread"|"async", signals=VMM_SIGNALS,
-    *, force_signalfd_failure=False, tracer=None, thread_name="qkio-sigwait")``
+    *, force_signalfd_failure=False, tracer=None, thread_name="qkio-sigwait",
+    wakeup_fd=True)``
 
     ``method`` is what was asked for and ``path`` what is in use: a failing
     ``signalfd`` falls back to ``"thread"`` as ``qemu_signalfd`` does
@@ -269,12 +285,16 @@ class SignalSource:
     register ``sigfd_handler`` on ``read_fd``; handlers then run in the io
     thread with the global lock held.  For ``"async"`` the handlers are
     installed with ``signal.signal`` (main thread only) and the signals are
-    unblocked in the main thread alone, so that no other thread takes them.
+    unblocked in the main thread alone, so that no other thread takes them,
+    and ``attach`` gives the loop a wake-up fd (``signal.set_wakeup_fd``) so
+    that a signal never waits for ``select()``'s timeout (``wakeup_fd=False``
+    leaves it out).
     """
 
     def __init__(self, method: str = "signalfd", signals: Iterable[int] = VMM_SIGNALS, *,
                  force_signalfd_failure: bool = False,
-                 tracer: trace.Tracer | None = None, thread_name: str = "qkio-sigwait") -> None:
+                 tracer: trace.Tracer | None = None, thread_name: str = "qkio-sigwait",
+                 wakeup_fd: bool = True) -> None:
         if method not in ("signalfd", "thread", "async"):
             raise ValueError(f"signal method must be signalfd, thread or async, not {method!r}")
         self.method = method
@@ -293,6 +313,9 @@ class SignalSource:
         # A second source (posix-aio-compat's, for SIGUSR2) names its thread
         # differently, so the census of compat mode tells the two apart.
         self.thread_name = thread_name
+        self.wakeup_fd = wakeup_fd
+        self._wakeup: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
 
         if method == "async":
             self.path = "async"
@@ -367,11 +390,57 @@ class SignalSource:
 
     def attach(self, loop) -> None:
         """Register ``sigfd_handler`` on ``loop`` for ``read_fd`` (synchronous
-        paths); for ``"async"`` only remember the loop's lock for the records."""
+        paths); for ``"async"``, remember the loop's lock for the records and
+        give the loop a wake-up fd for the signals (see :meth:`_attach_wakeup_fd`)."""
         self._loop = loop
         self._lock = loop.lock
         if self.path != "async":
             loop.set_fd_handler(self.read_fd, self.sigfd_handler, None, self)
+        elif self.wakeup_fd:
+            self._attach_wakeup_fd(loop)
+
+    def _attach_wakeup_fd(self, loop) -> None:
+        """``signal.set_wakeup_fd`` on a pipe the loop watches: the self-pipe trick.
+
+        CPython runs a Python handler only when the main thread next checks
+        for tripped signals.  A signal that lands after the last check but
+        before ``select()`` starts is therefore not acted on until ``select()``
+        returns for another reason -- with nothing else to do, the whole
+        timeout (a second for ``main_loop_wait(1000)``; measured: an alarm
+        clock timer 1.0 s late, twice in 210 firings).  In C, the handler
+        itself would write to a pipe (0.12's ``host_alarm_handler`` calls
+        ``qemu_event_increment`` for that reason); CPython's C-level handler
+        does that write for us when given a wake-up fd, so ``select()``
+        returns and the Python handler runs at once.  One per process: if the
+        loop already watches the current wake-up fd (another source's), keep it.
+        """
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if old != -1 and any(rec.fd == old or rec.opaque == old for rec in loop.handlers()):
+            signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return
+        self._old_wakeup_fd = old
+        self._wakeup = (r, w)
+        loop.set_fd_handler(r, self._drain_wakeup, None, w)
+
+    def detach_wakeup_fd(self) -> None:
+        """Stop using the wake-up fd (restore the previous one); for showing the race."""
+        if self._wakeup is not None:
+            if self._loop is not None:
+                self._loop.set_fd_handler(self._wakeup[0], None, None)
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+
+    def _drain_wakeup(self, opaque: object = None) -> None:
+        try:
+            while os.read(self._wakeup[0], 512):
+                pass
+        except BlockingIOError:
+            pass
 
     def sigfd_handler(self, opaque: object = None) -> int:
         """The io thread's read handler: read records until EAGAIN and dispatch
@@ -424,6 +493,7 @@ class SignalSource:
         """Detach from the loop, stop the signal thread, close the fds."""
         if self._loop is not None and self.path != "async":
             self._loop.set_fd_handler(self.read_fd, None, None)
+        self.detach_wakeup_fd()
         if self.thread is not None and self.thread.is_alive():
             self._closing = True
             # Wake the thread out of sigwaitinfo with one of its own signals,

@@ -102,3 +102,4 @@ def test_cancel_a_queued_request(disk):
 def test_paio_init_refuses_when_a_thread_takes_sigusr2(disk):
     out = run_child("unblocked-thread", disk)
     assert out["refused"] and "SIGUSR2" in out["refused"]
+    assert out["workers"] == 0  # refused before any worker could send it

@@ -258,7 +258,11 @@ class VirtioBoard:
         try:
             if self.aio == "paio":
                 from ..posix_aio_compat import paio_init
-                self.paio = paio_init(machine.loop, tracer=self.tracer)
+                # One pool and one SIGUSR2 signal fd per process, as 0.12's
+                # posix_aio_state: a second signalfd for SIGUSR2 would race the
+                # machine's for every completion.  (Closing it twice is harmless.)
+                self.paio = (machine.paio if getattr(machine, "paio", None) is not None
+                             else paio_init(machine.loop, tracer=self.tracer))
             if self.notify == "iothread":
                 self.iothread = IOThread("io0", tracer=self.tracer)
                 self.irq_method = "KVM_IRQFD"

@@ -45,13 +45,18 @@ def main():
         t = threading.Thread(target=stop.wait, daemon=True)
         t.start()
         from qkio.main_loop import MainLoop
-        from qkio.posix_aio_compat import paio_init
+        from qkio.posix_aio_compat import QEMU_AIO_READ, paio_init
         with MainLoop() as loop:
+            pool = paio_init(loop, method=args.method)
+            fd = os.open(args.file, os.O_RDONLY)
             try:
-                paio_init(loop, method=args.method)
+                pool.paio_submit(fd, 0, [bytearray(10)], QEMU_AIO_READ)
             except RuntimeError as e:
-                print(json.dumps({"refused": str(e)}))
+                print(json.dumps({"refused": str(e), "workers": pool.threads_started}))
                 return
+            finally:
+                os.close(fd)
+                pool.close()
         print(json.dumps({"refused": None}))
         return
 
@@ -146,6 +151,10 @@ def main():
     pool.close()
     main_src.close()
     loop.close()
+    # A joined Python thread may still be leaving the kernel for a moment.
+    end = time.monotonic() + 5
+    while len(census()) > 1 and time.monotonic() < end:
+        time.sleep(0.01)
     out["census_at_end"] = census()
     print(json.dumps(out))
 
