@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.vmm import Vmm, require_kvm, run_qkio, wait_until
+from helpers.vmm import Vmm, run_qkio, wait_until
 
 from qkio.alarm_timer import MIN_TIMER_REARM_US
 from qkio.libc import libc
@@ -22,7 +22,6 @@ COUNT = 40
 
 
 def timer_run(signals, clock, count=COUNT, *extra):
-    require_kvm()
     p = subprocess.run([sys.executable, "-m", "qkio.bench.timer_child", "--signals", signals,
                         "--clock", clock, "--count", str(count), "--warmup", "2", *extra],
                        capture_output=True, text=True, timeout=120, start_new_session=True)
@@ -30,6 +29,7 @@ def timer_run(signals, clock, count=COUNT, *extra):
     return json.loads(p.stdout)
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("signals", ["signalfd", "thread", "async"])
 @pytest.mark.parametrize("clock", ["deadline", "alarm"])
 def test_every_timer_fires_never_early(signals, clock):
@@ -56,8 +56,8 @@ def test_min_timer_rearm_is_0_12s():
     assert MIN_TIMER_REARM_US == 250  # vl.c, qemu-kvm-0.12.3
 
 
+@pytest.mark.kvm
 def test_alarm_clock_needs_a_signal_path():
-    require_kvm()
     from qkio.machine import Machine
     with pytest.raises(ValueError, match="--clock alarm needs a signal path"):
         Machine(memory_mib=8, clock="alarm")
@@ -71,9 +71,9 @@ def test_cli_rejects_an_unknown_clock():
     assert b"invalid choice: 'sundial'" in p.stderr and b"Traceback" not in p.stderr
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("clock", ["deadline", "alarm"])
 def test_cli_runs_with_each_clock(clock):
-    require_kvm()
     p = run_qkio("--kernel", "spin", "--clock", clock, "--timeout", "1")
     assert p.returncode == 124, p.stderr
 
@@ -104,10 +104,10 @@ def _pending(pid, tid):
     return sets["SigPnd"], sets["ShdPnd"]
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("path", ["signalfd", "thread"])
 def test_compat_census_and_the_aio_signal(path):
     """SIGUSR2 has its own signal fd: in compat mode, its own signal thread."""
-    require_kvm()
     with Vmm("--kernel", "spin", "--signals", path) as vmm:
         vmm.wait_for_thread("CPU 0/KVM")
         names = sorted(vmm.threads().values())
@@ -121,10 +121,10 @@ def test_compat_census_and_the_aio_signal(path):
         assert vmm.wait(10) == 0
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("path", ["signalfd", "thread"])
 def test_a_thread_directed_sigbus_never_reaches_the_io_thread(path):
     """signalfd's scope: only signals pending for the reader or for the process."""
-    require_kvm()
     with Vmm("--kernel", "spin", "--signals", path) as vmm:
         tid = vmm.wait_for_thread("CPU 0/KVM")
         _tgkill(vmm.pid, tid, signal.SIGBUS)
@@ -143,8 +143,8 @@ def test_a_thread_directed_sigbus_never_reaches_the_io_thread(path):
         assert "SIGBUS (si_code 0) is not a memory error: re-raised" in vmm.stderr()
 
 
+@pytest.mark.kvm
 def test_sigalrm_from_outside_is_harmless_on_either_clock():
-    require_kvm()
     for clock in ("deadline", "alarm"):
         with Vmm("--kernel", "spin", "--clock", clock) as vmm:
             vmm.wait_for_thread("CPU 0/KVM")
