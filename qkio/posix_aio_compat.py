@@ -61,8 +61,6 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
 
 from qkio import trace
 from qkio.signals import SignalSource, threads_taking
@@ -81,32 +79,38 @@ AIO_SIGNAL = signal.SIGUSR2
 
 _TYPE_NAMES = {QEMU_AIO_READ: "read", QEMU_AIO_WRITE: "write", QEMU_AIO_FLUSH: "flush"}
 
-BlockDriverCompletionFunc = Callable[[Any, int], Any]
-
-
-@dataclass(eq=False)
 class QemuPaiocb:
     """One request (``struct qemu_paiocb``).
 
     ``ret`` is ``-EINPROGRESS`` until a worker finishes it; then the number of
     bytes transferred or a negative errno (``-ECANCELED`` once cancelled).
-    ``active`` is set when a worker has taken it off the queue.
+    ``active`` is set when a worker has taken it off the queue.  A plain class
+    with slots, not a dataclass: this module is on ``qkio run``'s start-up
+    path (see :mod:`qkio.record`).
     """
 
-    aio_fildes: int
-    aio_iov: list[memoryview]
-    aio_offset: int
-    aio_type: int
-    cb: BlockDriverCompletionFunc | None
-    opaque: Any
-    aio_nbytes: int = 0
-    ret: int = -errno.EINPROGRESS
-    active: bool = False
-    done: bool = False  # the callback has run (or the request was cancelled)
-    submitted_ns: int = 0
-    finished_ns: int = 0  # when the worker stored ret
-    worker: str = ""
-    _state: "PosixAioState | None" = field(default=None, repr=False)
+    __slots__ = ("aio_fildes", "aio_iov", "aio_offset", "aio_type", "cb", "opaque",
+                 "aio_nbytes", "ret", "active", "done", "submitted_ns", "finished_ns", "worker")
+
+    def __init__(self, aio_fildes: int, aio_iov: list, aio_offset: int, aio_type: int,
+                 cb, opaque, aio_nbytes: int = 0, submitted_ns: int = 0) -> None:
+        self.aio_fildes = aio_fildes
+        self.aio_iov = aio_iov
+        self.aio_offset = aio_offset
+        self.aio_type = aio_type
+        self.cb = cb                    # cb(opaque, ret) in the io thread, or None
+        self.opaque = opaque
+        self.aio_nbytes = aio_nbytes
+        self.ret = -errno.EINPROGRESS
+        self.active = False
+        self.done = False               # the callback has run (or the request was cancelled)
+        self.submitted_ns = submitted_ns
+        self.finished_ns = 0            # when the worker stored ret
+        self.worker = ""
+
+    def __repr__(self) -> str:
+        return (f"QemuPaiocb({_TYPE_NAMES.get(self.aio_type, self.aio_type)} fd={self.aio_fildes} "
+                f"offset={self.aio_offset} nbytes={self.aio_nbytes} ret={self.ret})")
 
 
 def _aio_error(acb: QemuPaiocb) -> int:
@@ -180,9 +184,8 @@ class PosixAioState:
 
     # -- submitting (any thread, usually a vCPU thread emulating a disk) -------
 
-    def paio_submit(self, fd: int, offset: int, iov: Sequence[Any], aio_type: int,
-                    cb: BlockDriverCompletionFunc | None = None,
-                    opaque: Any = None) -> QemuPaiocb:
+    def paio_submit(self, fd: int, offset: int, iov, aio_type: int, cb=None,
+                    opaque=None) -> QemuPaiocb:
         """Queue ``preadv``/``pwritev`` of ``iov`` at ``offset`` in ``fd`` (or a flush).
 
         ``iov`` is a list of buffers (writable ones for a read).  ``cb(opaque,
@@ -212,7 +215,7 @@ class PosixAioState:
             raise ValueError("a read needs writable buffers (bytearray, memoryview of one, mmap)")
         acb = QemuPaiocb(fd, views, offset, aio_type, cb, opaque,
                          aio_nbytes=sum(v.nbytes for v in views),
-                         submitted_ns=time.monotonic_ns(), _state=self)
+                         submitted_ns=time.monotonic_ns())
         self.first_aio.append(acb)
         if self.tracer.enabled:
             self.tracer.instant("paio_submit", type=_TYPE_NAMES[aio_type], fd=fd,
