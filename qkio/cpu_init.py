@@ -18,7 +18,6 @@ from .kvm import structs as s
 
 # CR0 bits.  KVM's reset CR0 is 0x60000010 (CD|NW|ET): OR-ing PE into it
 # would leave the caches disabled, so every mode sets CR0 from scratch.
-CR0_PE, CR0_ET, CR0_NW, CR0_CD, CR0_PG = 1 << 0, 1 << 4, 1 << 29, 1 << 30, 1 << 31
 
 # Local APIC register offsets and LVT delivery modes (Intel SDM vol. 3, 11.5.1).
 APIC_LVT0, APIC_LVT1 = 0x350, 0x360

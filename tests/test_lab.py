@@ -9,6 +9,7 @@ import time
 import pytest
 
 from qkio import lab
+from qkio.lab.strace import _group_strace
 from qkio.signals import REALTIME_SIGNALS, VMM_SIGNALS
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
@@ -136,7 +137,7 @@ def test_group_strace_names_threads_joins_halves_and_drops_child_processes():
         '101 --- SIGUSR1 {si_signo=SIGUSR1, si_code=SI_TKILL, si_pid=100, si_uid=0} ---',
         '100 +++ exited with 0 +++',
     ])
-    got = lab._group_strace(text, hide={"prctl", "clone", "clone3"})
+    got = _group_strace(text, hide={"prctl", "clone", "clone3"})
     assert got == {
         "qkio-io": ["pselect6(10, [5 9], NULL, NULL, {tv_sec=<N>, tv_nsec=<N>}, NULL) = 0 (Timeout)"],
         "CPU 0/KVM": ["ioctl(7, KVM_RUN, 0) = -1 EINTR (Interrupted system call)",

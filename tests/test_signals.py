@@ -1,6 +1,6 @@
 """The signal pipe, with real signals sent to a child process.
 
-Every test here starts ``tests/helpers/signal_child.py`` in its own session
+Every test here starts ``qkio.lab.signal_child`` in its own session
 (so a signal meant for it can never reach pytest), sends process-directed
 signals with ``os.kill`` and reads what the child reports as JSON lines.
 """
@@ -12,19 +12,18 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from qkio.signals import SIGNALFD_SIGINFO_SIZE, SigInfo
 
-CHILD = Path(__file__).parent / "helpers" / "signal_child.py"
+CHILD = ("-m", "qkio.lab.signal_child")  # shipped with qkio: chapter 7 runs it too
 RT0 = signal.SIGRTMIN + 8  # the child's first real-time signal
 
 
 class Child:
     def __init__(self, *args, trace=None):
-        cmd = [sys.executable, str(CHILD), *args]
+        cmd = [sys.executable, *CHILD, *args]
         if trace:
             cmd += ["--trace", str(trace)]
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -55,7 +55,6 @@ NAME = "pio"
 TITLE = "port-I/O exit round trip: qkio vs C (the floor) vs QEMU"
 METHOD = ("same Multiboot guest doing N OUTs to port 0x80; per exit = (T(N) - T(small)) / "
           "(N - small); qkio / qkio-python / C / QEMU interleaved in each round; ratios per round")
-IMPLS = ("qkio", "qkio-python", "c", "qemu")
 TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05}
 
 

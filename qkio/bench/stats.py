@@ -3,48 +3,48 @@
 Every benchmark reports a distribution, never one number: ``summarize``
 gives the count, min, p50 (the median), p90, p99, max, mean and the
 interquartile range (p75 - p25), all in the unit the samples were in.
-Percentiles are taken by linear interpolation between the closest ranks
-(numpy's default, ``statistics.quantiles(method="inclusive")``), so a
-single sample is its own every percentile.
+Percentiles are the standard library's, ``statistics.quantiles(method=
+"inclusive")``: linear interpolation between the closest ranks (numpy's
+default), so a single sample is its own every percentile.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import statistics
 
 
-def percentile(sorted_values: list[float], p: float) -> float:
-    """The ``p``-th percentile (0..100) of an already sorted, non-empty list."""
-    if not sorted_values:
-        raise ValueError("percentile of no samples")
-    k = (len(sorted_values) - 1) * p / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    if lo == hi:
-        return float(sorted_values[lo])
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+def percentiles(samples) -> list[float]:
+    """The 1st to 99th percentiles of ``samples`` (``[p1, ..., p99]``; non-empty)."""
+    values = [float(v) for v in samples]
+    if not values:
+        raise ValueError("percentiles of no samples")
+    if len(values) == 1:  # quantiles() wants two points before Python 3.13
+        return values * 99
+    return statistics.quantiles(values, n=100, method="inclusive")
 
 
 def summarize(samples, digits: int = 3) -> dict:
     """``{"n", "min", "p50", "p90", "p99", "max", "mean", "iqr"}`` of ``samples``."""
-    values = sorted(float(v) for v in samples)
+    values = [float(v) for v in samples]
     if not values:
         return {"n": 0}
+    q = percentiles(values)
     r = lambda v: round(v, digits)  # noqa: E731
     return {
         "n": len(values),
-        "min": r(values[0]),
-        "p50": r(percentile(values, 50)),
-        "p90": r(percentile(values, 90)),
-        "p99": r(percentile(values, 99)),
-        "max": r(values[-1]),
-        "mean": r(sum(values) / len(values)),
-        "iqr": r(percentile(values, 75) - percentile(values, 25)),
+        "min": r(min(values)),
+        "p50": r(q[49]),
+        "p90": r(q[89]),
+        "p99": r(q[98]),
+        "max": r(max(values)),
+        "mean": r(statistics.fmean(values)),
+        "iqr": r(q[74] - q[24]),
     }
 
 
 def median(samples) -> float:
-    return percentile(sorted(samples), 50)
+    return statistics.median(samples)
 
 
 def fmt_dist(d: dict, unit: str = "µs") -> str:

@@ -19,9 +19,10 @@ How a guest prints: polling
 Early consoles (Linux's earlyprintk, the 8250 console write path, every
 hobby kernel) never take an interrupt.  For each byte they spin reading LSR
 until THRE ("transmit holding register empty", bit 5) is set, then write the
-byte to THR.  In the Linux boot recorded in kvm-facts.md that was 6455 LSR
-reads for 6445 THR writes: one read per byte, because THRE was always already
-set.  It always is here, as in QEMU when the chardev backend keeps up: a THR
+byte to THR.  Under a VMM that keeps up, that is one LSR read per byte
+written, because THRE is already set every time the driver looks (count
+them: ``qkio run --kernel flood`` reports its exits on SIGHUP).  It always
+is here, as in QEMU when the chardev backend keeps up: a THR
 write goes straight to ``output``, so THRE and TEMT ("transmitter empty", bit
 6) are set again before the OUT instruction even returns to the guest.  The
 transmit FIFO therefore never holds a byte between two guest accesses, and is

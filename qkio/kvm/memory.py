@@ -59,10 +59,6 @@ class GuestMemory:
         """The little-endian 32-bit value at ``gpa``."""
         return int.from_bytes(self.read(gpa, 4), "little")
 
-    def write_u32(self, gpa: int, value: int) -> None:
-        """Store ``value`` as a little-endian 32-bit value at ``gpa``."""
-        self.write(gpa, (value & 0xFFFFFFFF).to_bytes(4, "little"))
-
     def close(self) -> None:
         """Unmap the memory (idempotent).  Unregister its KVM slot, or close the VM, first."""
         if self._map is not None:

@@ -1,8 +1,9 @@
-"""A tiny io thread for signal tests, run as a child process.
+"""A tiny io thread for signal experiments, run as a child process:
+``python -m qkio.lab.signal_child [--echo SIG ...]``.
 
-Signal tests cannot run inside pytest's own process: pytest may have threads
-with their own masks and default handlers, and a stray SIGTERM would end the
-test run.  This script is a VMM without vCPUs: it blocks the VMM's signals
+Signal experiments cannot run inside a notebook's kernel or pytest's own
+process: those may have threads with their own masks and default handlers,
+and a stray SIGTERM would end them.  This is a VMM without vCPUs: it blocks the VMM's signals
 before any thread exists, sets up a MainLoop and a SignalSource, and then
 
 * prints JSON lines on stdout (``ready``, ``signal`` for SIGTERM, ``got`` for
@@ -24,12 +25,10 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-from qkio import signals as sigmod  # noqa: E402
-from qkio.main_loop import MainLoop  # noqa: E402
-from qkio.threads import set_thread_name, thread_names  # noqa: E402
-from qkio.trace import Tracer  # noqa: E402
+from qkio import signals as sigmod
+from qkio.main_loop import MainLoop
+from qkio.threads import set_thread_name, thread_names
+from qkio.trace import Tracer
 
 
 def emit(**obj):
