@@ -48,7 +48,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import time
 
 from qkio.libc import libc as _libc
 
@@ -159,14 +158,21 @@ class DynticksAlarm:
     def expired(self) -> bool:
         return bool(self.flags & ALARM_FLAG_EXPIRED)
 
+    def qemu_next_deadline_dyntick(self) -> int | None:
+        """µs until the nearest deadline, rounded up, never under MIN_TIMER_REARM_US
+        (an overdue timer gives 250); None when no timer is armed."""
+        delta_ns = self.loop.qemu_next_deadline()
+        if delta_ns is None:
+            return None
+        return max(MIN_TIMER_REARM_US, -(-delta_ns // 1000))
+
     def qemu_rearm_alarm_timer(self) -> None:
         """``dynticks_rearm_timer``: arm the POSIX timer for the nearest deadline."""
         if not self._started:
             return
-        deadline = self.loop._next_deadline()
-        if deadline is None:
+        nearest_us = self.qemu_next_deadline_dyntick()
+        if nearest_us is None:
             return  # no active timer: leave the alarm as it is
-        nearest_us = max(MIN_TIMER_REARM_US, -(-(deadline - time.monotonic_ns()) // 1000))
         cur = _itimerspec()
         _check(_libc.timer_gettime(self._timer, ctypes.byref(cur)), "timer_gettime")
         current_us = cur.it_value.tv_sec * 1_000_000 + cur.it_value.tv_nsec // 1000

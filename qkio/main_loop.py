@@ -297,13 +297,21 @@ class QEMUTimer:
         self._gen = 0  # bumped on every mod/del; stale heap entries are skipped
 
     def mod_timer(self, deadline_ns: int) -> None:
+        """``qemu_mod_timer``: (re)arm for ``deadline_ns``.  Any thread."""
         self._loop._mod_timer(self, deadline_ns)
 
     def del_timer(self) -> None:
+        """``qemu_del_timer``: disarm."""
         self._loop._del_timer(self)
 
     def pending(self) -> bool:
+        """``qemu_timer_pending``."""
         return self.expire_ns is not None
+
+    # vl.c's names, for grep
+    qemu_mod_timer = mod_timer
+    qemu_del_timer = del_timer
+    qemu_timer_pending = pending
 
 
 class QEMUBH:
@@ -478,6 +486,29 @@ class MainLoop:
             heapq.heappop(timers)  # stale: re-armed or deleted since pushed
         return timers[0][0] if timers else None
 
+    def qemu_next_deadline(self) -> int | None:
+        """ns until the first armed timer is due (0 if it is overdue), or None
+        when no timer is armed (vl.c ``qemu_next_deadline``, which capped the
+        answer at INT32_MAX instead)."""
+        deadline = self._next_deadline()
+        return None if deadline is None else max(0, deadline - time.monotonic_ns())
+
+    def qemu_run_timers(self, current_ns: int | None = None) -> int:
+        """Run every timer due at ``current_ns`` (default: now), each taken off
+        the list before its callback runs (vl.c ``qemu_run_timers``), so a
+        callback may re-arm its own timer.  Returns how many ran."""
+        now = time.monotonic_ns() if current_ns is None else current_ns
+        ran = 0
+        while True:
+            deadline = self._next_deadline()
+            if deadline is None or deadline > now:
+                return ran
+            _, _, _, t = heapq.heappop(self._timers)
+            t.expire_ns = None
+            t._gen += 1
+            self._call("timer", t.cb, t.opaque, late_us=(now - deadline) / 1000)
+            ran += 1
+
     def bh_new(self, cb: Callable[[Any], Any], opaque: Any = None) -> QEMUBH:
         bh = QEMUBH(self, cb, opaque)
         self._bhs.insert(0, bh)
@@ -558,15 +589,7 @@ class MainLoop:
         # 5. timers (with the alarm clock, first "rearm timer, if not periodic")
         if self.alarm_timer is not None:
             self.alarm_timer.after_wait()
-        now = time.monotonic_ns()
-        while True:
-            deadline = self._next_deadline()
-            if deadline is None or deadline > now:
-                break
-            _, _, _, t = heapq.heappop(self._timers)
-            t.expire_ns = None
-            t._gen += 1
-            self._call("timer", t.cb, t.opaque, late_us=(now - deadline) / 1000)
+        self.qemu_run_timers()
 
         # 6. bottom halves
         for bh in list(self._bhs):

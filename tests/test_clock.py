@@ -153,3 +153,38 @@ def test_sigalrm_from_outside_is_harmless_on_either_clock():
             wait_until(lambda: {"SIGALRM", "SIGIO"} <= set(_report(vmm)), 10, "both taken")
             vmm.proc.send_signal(signal.SIGTERM)
             assert vmm.wait(10) == 0
+
+
+def test_next_deadline_dyntick_is_never_under_250_us():
+    """dynticks never arms closer than MIN_TIMER_REARM_US: an overdue timer gives 250."""
+    import time
+
+    from qkio.alarm_timer import DynticksAlarm
+    from qkio.main_loop import MainLoop
+    with MainLoop() as loop:
+        alarm = DynticksAlarm(loop)          # not started: no POSIX timer, no signal
+        assert alarm.qemu_next_deadline_dyntick() is None and loop.qemu_next_deadline() is None
+        t = loop.timer_new(lambda _: None)
+        t.qemu_mod_timer(time.monotonic_ns() - 5_000_000)
+        assert loop.qemu_next_deadline() == 0
+        assert alarm.qemu_next_deadline_dyntick() == MIN_TIMER_REARM_US
+        t.qemu_mod_timer(time.monotonic_ns() + 50_000_000)
+        assert 40_000 <= alarm.qemu_next_deadline_dyntick() <= 50_000
+
+
+def test_qemu_run_timers_takes_a_timer_off_before_its_callback():
+    """A callback that re-arms its own timer for 'now' is not run again in the same call."""
+    import time
+
+    from qkio.main_loop import MainLoop
+    with MainLoop() as loop:
+        calls = []
+
+        def cb(_):
+            calls.append(t.qemu_timer_pending())
+            t.qemu_mod_timer(time.monotonic_ns() + 10_000_000_000)
+        t = loop.timer_new(cb)
+        t.qemu_mod_timer(time.monotonic_ns() - 1)
+        with loop.lock:
+            assert loop.qemu_run_timers() == 1
+        assert calls == [False] and t.qemu_timer_pending()
