@@ -191,3 +191,56 @@ def test_two_drives_fill_transports_from_the_top(tmp_path):
     # The guest probes upwards, so it finds the second drive first.
     assert guest_report(out.decode())[:3] == ["virtio-blk: found at 0xfeb00c00",
                                               "virtio-blk: capacity (sectors) 64", "virtio-blk: id b"]
+
+
+def interrupts_taken(output: str) -> int:
+    lines = [line for line in output.splitlines() if line.startswith("virtio-blk: interrupts ")]
+    assert len(lines) == 1, output
+    return int(lines[0].split()[-1])
+
+
+@pytest.mark.parametrize("mode", NOTIFY_MODES)
+def test_guest_waits_for_the_interrupt(tmp_path, mode, monkeypatch):
+    """irq=1: the guest sleeps in HLT until IRQ 12.  The device is slowed down by 20 ms
+    per notify, so the guest is asleep when the completion comes and only the
+    interrupt -- KVM_IRQ_LINE from the io thread, or the IOThread's irqfd -- can wake
+    it.  In vcpu mode the request completes inside the notify's exit, so the guest
+    never has to wait and takes no interrupt at all."""
+    import time as _time
+
+    from qkio.virtio.board import BlkRunner
+    real = BlkRunner.handle_output
+
+    def slow(self, via):
+        _time.sleep(0.02)
+        real(self, via)
+    monkeypatch.setattr(BlkRunner, "handle_output", slow)
+    out = bytearray()
+    with Machine(memory_mib=8, console=out.extend, log=lambda m: None,
+                 drives=[(fresh_image(tmp_path / "d.img"), False, b"qkio0")], virtio_notify=mode) as m:
+        m.load_multiboot(demo_guest("virtio-blk"), append=f"count={COUNT} irq=1")
+        assert m.run(timeout=120) == 33, out.decode()
+    text = out.decode()
+    assert guest_report(text)[:4] == EXPECTED
+    if mode == "vcpu":
+        assert interrupts_taken(text) == 0
+    else:
+        assert interrupts_taken(text) >= 1
+
+
+@pytest.mark.parametrize("iothread", [False, True], ids=["main-loop", "iothread"])
+def test_interrupt_mode_on_qemu_microvm(tmp_path, iothread):
+    import os
+    import subprocess
+
+    from qkio.bench.virtio_run import QEMU, qemu_microvm_argv
+    if not os.path.exists(QEMU):
+        pytest.skip("qemu-system-x86_64 is not installed")
+    image = fresh_image(tmp_path / "q.img")
+    argv = qemu_microvm_argv(demo_guest("virtio-blk"), image, iothread=iothread, serial="qkio0")
+    argv += ["-append", f"count={COUNT} irq=1"]
+    result = subprocess.run(argv, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+    text = result.stdout.decode()
+    assert result.returncode == 33, text + result.stderr.decode()
+    assert guest_report(text)[:4] == EXPECTED
+    assert interrupts_taken(text) >= 1

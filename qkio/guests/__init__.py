@@ -43,7 +43,7 @@ GUESTS: dict[str, str] = {
     "pio-loop": "writes port 0x80 count=N times (default 10000), one exit each, then exits 33",
     "smp": "starts the other CPUs with INIT/SIPI; all count and report to port 0x501; count=N iterations (0: forever)",
     "virtio-blk": "finds a virtio-blk disk on virtio-mmio, writes count=N sectors (default 8) and reads "
-                  "them back; needs --drive file=IMG",
+                  "them back, polling (or with irq=1 sleeping until IRQ 12); needs --drive file=IMG",
     "spin": "loops forever with interrupts off, touching nothing: only the VMM can stop it",
     # The guests the test suite runs under qkio and under QEMU, to pin qkio to QEMU's behaviour.
     "cmdline": "prints the Multiboot command line between quotes, then exits 33",
