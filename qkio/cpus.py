@@ -87,10 +87,22 @@ _EXIT_IO = int(ExitReason.IO)      # plain ints: compared on every exit
 _EXIT_INTR = int(ExitReason.INTR)
 
 
-def install_sig_ipi_handler() -> None:
-    """Give SIG_IPI a do-nothing handler (must run in the main thread)."""
+def install_sig_ipi_handler() -> bool:
+    """Give SIG_IPI a do-nothing handler; True if it has one.
+
+    Python installs handlers from the main thread only.  Called elsewhere
+    with no handler in place, this returns False, and the vCPU threads must
+    then keep SIG_IPI blocked outside ``KVM_RUN`` (``CpuThread(ipi_blocked=True)``):
+    a blocked signal still ends ``KVM_RUN``, through the mask
+    ``KVM_SET_SIGNAL_MASK`` gives the kernel, and is never delivered, so no
+    handler is needed -- whereas an unblocked one with SIG_DFL would kill the
+    process.
+    """
     if signal.getsignal(SIG_IPI) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if threading.current_thread() is not threading.main_thread():
+            return False
         signal.signal(SIG_IPI, _sig_ipi_handler)
+    return True
 
 
 def _sig_ipi_handler(signo, frame):  # the kick's work is done by the kernel's EINTR
@@ -147,9 +159,12 @@ class CpuThread:
 
     def __init__(self, vcpu: Vcpu, *, lock: GlobalMutex, bus: PortBus, on_exit: ExitHandler,
                  on_failure: FailureHandler, tracer: _trace.Tracer | None = None,
-                 kick: str = "immediate_exit", exit_path: str | None = None):
+                 kick: str = "immediate_exit", exit_path: str | None = None, ipi_blocked: bool = False):
         if kick not in KICK_STYLES:
             raise ValueError(f"kick style must be one of {KICK_STYLES}, not {kick!r}")
+        # SIG_IPI blocked outside KVM_RUN: the signal_mask style's way, and the
+        # only safe one when SIG_IPI has no handler (install_sig_ipi_handler).
+        self._mask_ipi = kick == "signal_mask" or ipi_blocked
         self._native = choose_exit_path(exit_path)
         #: ``"native"`` (the C port-I/O loop of :mod:`qkio.native`) or ``"python"``.
         self.exit_path = "python" if self._native is None else "native"
@@ -192,7 +207,7 @@ class CpuThread:
 
     def _thread_main(self) -> None:
         self.tid = gettid()
-        if self.kick_style == "signal_mask":
+        if self._mask_ipi:
             # Blocked here, unblocked only inside KVM_RUN (module comment).
             signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_IPI})
             inside = signal.pthread_sigmask(signal.SIG_BLOCK, set()) - {SIG_IPI}
@@ -302,7 +317,7 @@ class CpuThread:
             self.tracer.instant("kick received", cpu=self.index)
         if self.kick_style == "immediate_exit":
             self.vcpu.immediate_exit = 0
-        else:
+        if self._mask_ipi:
             # qemu-kvm's kvm_main_loop_wait / QEMU's kvm_eat_signals: take the
             # pending SIG_IPI so it does not end the next KVM_RUN too.
             while signal.sigtimedwait({SIG_IPI}, 0) is not None:

@@ -42,3 +42,8 @@ class BadKernel(QkioError, ValueError):
 
 class GuestFailure(QkioError):
     """The guest ended abnormally: triple fault, emulation failure, failed entry."""
+
+
+class MachineStateError(QkioError, RuntimeError):
+    """A :class:`qkio.machine.Machine` method was called in a state, or from a
+    thread, where it has no meaning (see the lifecycle in ``Machine``'s docstring)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import signal as _signal
 import sys
+import threading
 from collections.abc import Callable
 
 from . import trace as _trace
@@ -44,7 +45,7 @@ from .devices import FwCfg, IsaDebugExit, PortBus, Serial
 from .devices.mmio import MmioBus, handle_mmio
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
 from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
-from .errors import BadKernel, GuestFailure, QkioError
+from .errors import BadKernel, GuestFailure, MachineStateError, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
 from .kvm.exits import SystemEvent, describe_failure
@@ -164,6 +165,29 @@ class Machine:
     ``Machine(MachineConfig(smp=2))``, and ``Machine(config, smp=2)`` is
     ``config`` with ``smp`` changed.  ``machine.config`` is what it was
     built from.
+
+    Lifecycle
+    ---------
+    A machine runs once.  :attr:`state` is one of
+
+    ``"created"``  built; load a guest (``load_multiboot``, ``load_flat``),
+                   ``attach_stdin``; then ``run()`` (or ``start()``).
+    ``"started"``  ``start()`` has started the vCPU threads with no io thread
+                   (tests drive them directly): ``pause``/``resume``, ``run()``.
+    ``"running"``  inside ``run()``, whose caller is the io thread.  From other
+                   threads: ``pause``/``resume``, ``request_exit``, ``stop()``
+                   (ends the run, status 0, and waits for ``run()`` to return),
+                   ``close()`` (the same, then releases everything).
+    ``"stopped"``  the run is over (or ``stop()`` came first): read
+                   :attr:`exit_status`; ``stop()`` again does nothing.
+    ``"closed"``   every fd and thread released; ``close()`` again does nothing.
+
+    Any other call raises :class:`~qkio.errors.MachineStateError`, as do
+    ``pause``/``resume``/``close`` from a thread that holds the global lock
+    (a device model or fd handler: the vCPUs need the lock to reach the point
+    where they pause or stop) and ``run()`` from a second thread.  A machine
+    can be built in any thread; ``signals="async"`` needs the main thread
+    (Python runs signal handlers there and nowhere else).
     """
 
     def __init__(self, config: MachineConfig | None = None, /, **fields):
@@ -183,6 +207,10 @@ class Machine:
         self.console_unwritten = 0  # guest output given up on at the end of the run
         self._stdin_fd: int | None = None
         self._irq_levels: dict[int, int] = {}
+        self.state = "created"
+        self._life = threading.Lock()        # guards state changes
+        self._run_thread: int | None = None  # ident of the thread inside run()
+        self._run_done = threading.Event()
         try:
             self._build(config)
             if config.drives:
@@ -197,7 +225,12 @@ class Machine:
         memory_mib, smp, signals, kick, exit_path = (config.memory_mib, config.smp, config.signals,
                                                      config.kick, config.exit_path)
         console, pit = config.console, config.pit
-        install_sig_ipi_handler()
+        if signals == "async" and threading.current_thread() is not threading.main_thread():
+            raise MachineStateError("signals='async' needs the main thread: Python runs signal "
+                                    "handlers there only (use signalfd or thread, or signals=None)")
+        # False in a thread other than the main one, where no handler can be
+        # installed: the vCPUs then keep SIG_IPI blocked outside KVM_RUN (qkio.cpus).
+        self._ipi_handler = install_sig_ipi_handler()
         if signals is not None:
             # No-op in `qkio run`, which blocked them before any thread existed;
             # here for library callers, in whose main thread this is the best we can do.
@@ -243,7 +276,7 @@ class Machine:
             try:
                 cpu = CpuThread(vcpu, lock=self.lock, bus=self.bus, on_exit=self.handle_exit,
                                 on_failure=self.guest_failed, tracer=self.tracer,
-                                kick=kick, exit_path=exit_path)
+                                kick=kick, exit_path=exit_path, ipi_blocked=not self._ipi_handler)
             except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
                 vcpu.close()
                 raise
@@ -277,6 +310,7 @@ class Machine:
 
     def load_multiboot(self, kernel: str | os.PathLike, append: str = "", initrd: str | None = None):
         """Load a Multiboot kernel file as ``qemu -kernel FILE -append ARGS -initrd MODS`` does."""
+        self._require("created", what="load_multiboot()")
         path = os.fspath(kernel)
         image = map_file(path, "kernel")
         modules = []
@@ -294,6 +328,7 @@ class Machine:
 
     def load_flat(self, code: bytes, *, mode: str = "real", address: int = 0x1000):
         """Load raw machine code at ``address`` and enter it in ``mode`` (real, protected, long)."""
+        self._require("created", what="load_flat()")
         if mode == "real":
             state, writes = modes.real_mode_state(address >> 4, address & 0xF)
         elif mode == "protected":
@@ -317,6 +352,7 @@ class Machine:
         of the select set, and what the guest has not taken stays in the
         pipe or tty -- flow control for free.
         """
+        self._require("created", "started", what="attach_stdin()")
         self._stdin_fd = fd
         self.loop.set_fd_handler2(fd, lambda _: self.serial.can_receive(), self._stdin_readable, None, fd)
 
@@ -430,8 +466,22 @@ class Machine:
 
     # --- running -----------------------------------------------------------------
 
+    def _require(self, *states: str, what: str) -> None:
+        if self.state not in states:
+            allowed = " or ".join(repr(st) for st in states)
+            raise MachineStateError(f"Machine.{what}: the machine is {self.state!r}; "
+                                    f"allowed when {allowed}")
+
+    def _require_unlocked(self, what: str) -> None:
+        if self.lock.held_by_me():
+            raise MachineStateError(f"Machine.{what} cannot be called with the global lock held "
+                                    f"(from a device model or fd handler): the vCPUs need it")
+
     def request_exit(self, status: int, message: str = "") -> None:
-        """End the run with ``status`` (first request wins); callable from any thread."""
+        """End the run with ``status`` (first request wins); callable from any thread.
+        Before ``run()`` it makes ``run()`` return at once with that status."""
+        if self.state == "closed":
+            raise MachineStateError("Machine.request_exit(): the machine is 'closed'")
         if self.exit_status is None:
             self.exit_status = status
             self.exit_message = message
@@ -441,36 +491,63 @@ class Machine:
         self.request_exit(STATUS_GUEST_FAILED, str(failure))
 
     def start(self) -> None:
+        """Start the vCPU threads without an io thread ("created" -> "started")."""
+        with self._life:
+            self._require("created", "started", what="start()")
+            self.state = "started"
         for cpu in self.cpus:
             if cpu.thread is None:
                 cpu.start()
 
     def run(self, timeout: float | None = None) -> int:
-        """Run until the guest exits, fails, a signal ends it, or ``timeout`` seconds pass
-        (qemu-kvm 0.12's ``kvm_main_loop``, also reachable by that name).
+        """Run until the guest exits, fails, a signal ends it, ``stop()`` is called, or
+        ``timeout`` seconds pass (qemu-kvm 0.12's ``kvm_main_loop``, also reachable by
+        that name).
 
         The calling thread is the io thread until the run ends.  Returns the
-        exit status; :attr:`exit_message` says why.
+        exit status; :attr:`exit_message` says why.  A machine runs once.
         """
-        self.start()
-        finished = self.loop.run_until(lambda: self.exit_status is not None,
-                                       timeout_ms=1000, deadline_s=timeout)
-        if not finished:
-            self.request_exit(STATUS_TIMEOUT, f"guest still running after --timeout {timeout:g} s; stopped it")
-        self.stop()
-        if self.console_out is not None:
-            self.console_unwritten += self.console_out.flush()
-        return self.exit_status
+        with self._life:
+            if self.state == "running":
+                raise MachineStateError("Machine.run(): already running in another thread "
+                                        "(a machine has one io thread)")
+            if self.state == "stopped":
+                raise MachineStateError(f"Machine.run(): this machine has already run (status "
+                                        f"{self.exit_status}); a machine runs once, build another")
+            self._require("created", "started", what="run()")
+            self.state = "running"
+            self._run_thread = threading.get_ident()
+        try:
+            for cpu in self.cpus:
+                if cpu.thread is None:
+                    cpu.start()
+            finished = self.loop.run_until(lambda: self.exit_status is not None,
+                                           timeout_ms=1000, deadline_s=timeout)
+            if not finished:
+                self.request_exit(STATUS_TIMEOUT, f"guest still running after --timeout {timeout:g} s; stopped it")
+            self._stop_vcpus()
+            if self.console_out is not None:
+                self.console_unwritten += self.console_out.flush()
+            return self.exit_status
+        finally:
+            with self._life:
+                self.state = "stopped"
+                self._run_thread = None
+            self._run_done.set()
 
     def pause(self) -> None:
         """Stop every vCPU and wait until each says it is paused: qemu-kvm 0.12's
         ``pause_all_threads`` (qemu-kvm.c), upstream vl.c's ``pause_all_vcpus``."""
+        self._require("started", "running", what="pause()")
+        self._require_unlocked("pause()")
         for cpu in self.cpus:
             cpu.pause()
 
     def resume(self) -> None:
         """Let every paused vCPU run again: qemu-kvm 0.12's ``resume_all_threads``,
         upstream vl.c's ``resume_all_vcpus``."""
+        self._require("started", "running", what="resume()")
+        self._require_unlocked("resume()")
         for cpu in self.cpus:
             cpu.resume()
 
@@ -480,7 +557,32 @@ class Machine:
     pause_all_threads = pause_all_vcpus = pause
     resume_all_threads = resume_all_vcpus = resume
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
+        """End the machine's run.
+
+        While ``run()`` is in progress, from another thread: ask it to end
+        (status 0, "stopped by Machine.stop()", unless an exit was already
+        requested) and wait until it has returned.  From the io thread or a
+        device model (the global lock held): only ask.  "started": stop the vCPU threads.  "created":
+        the machine will never run.  "stopped": nothing to do.
+        """
+        with self._life:
+            state = self.state
+            if state == "closed":
+                raise MachineStateError("Machine.stop(): the machine is 'closed'")
+            if state in ("created", "started"):
+                self.state = "stopped"
+        if state == "started":
+            self._stop_vcpus()
+        elif state == "running":
+            self.request_exit(STATUS_POWEROFF, "stopped by Machine.stop()")
+            # Waiting is for outsiders: the io thread, or a vCPU thread in a
+            # device model (lock held), would wait for itself.
+            if self._run_thread != threading.get_ident() and not self.lock.held_by_me():
+                if not self._run_done.wait(timeout):
+                    raise MachineStateError(f"Machine.stop(): run() did not return within {timeout} s")
+
+    def _stop_vcpus(self) -> None:
         """Stop every vCPU thread and wait for it."""
         held = self.lock.held_by_me() if self.loop else False
         if held:
@@ -496,9 +598,23 @@ class Machine:
                 self.lock.lock()
 
     def close(self) -> None:
-        """Release every thread and fd the machine owns (idempotent)."""
-        if self.cpus and any(c.thread is not None and not c.finished.is_set() for c in self.cpus):
+        """Release every thread and fd the machine owns (idempotent).
+
+        During ``run()``, from another thread: stops the run first (``stop()``)."""
+        with self._life:
+            state = self.state
+            if state == "closed":
+                return
+            if state == "running" and (self._run_thread == threading.get_ident() or self.lock.held_by_me()):
+                raise MachineStateError("Machine.close() from inside run() (a device model or handler, "
+                                        "holding the global lock): call stop(), and close() after "
+                                        "run() returns")
+        if state == "running":
             self.stop()
+        with self._life:
+            self.state = "closed"
+        if self.cpus and any(c.thread is not None and not c.finished.is_set() for c in self.cpus):
+            self._stop_vcpus()
         if self.paio is not None:  # first: its workers may still be writing guest RAM
             self.paio.close()
             self.paio = None
