@@ -255,7 +255,7 @@ class CpuThread:
         handle = self.on_exit
         tally = self._tally
         native_run = self._native.run if self._native is not None else None
-        table, native_io = bus.table, self._native_io_exits
+        table, native_io, reported = bus.table, self._native_io_exits, bus.reported
         while True:
             if self._pending:
                 self._pending = False  # before reading the requests (module comment)
@@ -265,7 +265,7 @@ class CpuThread:
                 reason = self._run_traced()
             elif native_run is not None:
                 self.last_exit = _EXIT_IO  # what it was handling if a device raises
-                ret = native_run(fd, page, lock, table, native_io)
+                ret = native_run(fd, page, lock, table, native_io, reported)
                 reason = ret if ret >= 0 else reason_for_errno(-ret)
             else:
                 unlock()  # pre_kvm_run: the guest runs without the lock

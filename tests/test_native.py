@@ -119,6 +119,46 @@ def test_every_access_size_both_ways_matches_the_python_path():
     assert [(port, is_write) for port, _, is_write in unassigned] == [(0x108, True), (0x200, False)]
 
 
+# Ports nobody owns, each touched twice: the first access is reported (once per
+# port, by PortBus, on the Python path), the second is completed in C.
+UNOWNED_IO = b"".join([
+    _mov_dx(0x200), b"\xEC",              # in al, dx    -- reported: Python
+    _mov_dx(0x200), b"\xEC",              # in al, dx    -- again: C, 0xff
+    _mov_dx(0x100), b"\xEE",              # out dx, al   -- to the recorder: 0xff
+    _mov_dx(0x200), b"\xEE",              # out dx, al   -- dropped in C
+    _mov_dx(0x300), b"\xEF",              # out dx, ax   -- 0x300-0x301 reported: Python
+    _mov_dx(0x300), b"\x66\xED",          # in eax, dx   -- 0x302-0x303 are new: Python
+    _mov_dx(0x300), b"\x66\xED",          # in eax, dx   -- all reported: C, 0xffffffff
+    _mov_dx(0x104), b"\x66\xEF",          # out dx, eax  -- to the recorder
+    _mov_dx(0xF4), b"\x66\xB8\x10\x00\x00\x00", b"\x66\xEF",  # isa-debug-exit, status 33
+])
+
+
+def _run_unowned(exit_path):
+    unassigned = []
+    machine = Machine(memory_mib=2, console=lambda data: None, log=lambda msg: None,
+                      exit_path=exit_path)
+    with machine:
+        machine.bus.on_unassigned = lambda *a: unassigned.append(a)
+        rec = Recorder(machine)
+        machine.bus.register(0x100, 8, rec, "recorder")
+        machine.load_flat(UNOWNED_IO, mode="real")
+        status = machine.run(timeout=30)
+        cpu = machine.cpus[0]
+        return status, rec.log, cpu.exit_counts[ExitReason.IO], unassigned, cpu._native_io_exits[0]
+
+
+def test_unowned_ports_once_reported_are_completed_in_c():
+    status, log, io_exits, unassigned, in_c = _run_unowned("native")
+    assert (status, log, io_exits, unassigned) == _run_unowned("python")[:4]
+    assert status == 33 and io_exits == 9
+    assert log == [("w", 0, 1, 0xFF, True), ("w", 4, 4, 0xFFFFFFFF, True)]  # all ones, both sizes
+    assert unassigned == [(0x200, 1, False), (0x300, 2, True), (0x300, 4, False)]  # once per port
+    # In C: the two recorder OUTs, isa-debug-exit's and the three accesses to
+    # ports already reported; the three that reported something went to Python.
+    assert in_c == 6
+
+
 class Null:
     def io_read(self, offset, size):
         return 0
@@ -203,8 +243,10 @@ def test_bad_arguments_are_refused():
     with Machine(memory_mib=2) as machine:
         vcpu = machine.cpus[0].vcpu
         counter = array.array("Q", [0])
-        with pytest.raises(TypeError, match="5 arguments"):
+        with pytest.raises(TypeError, match="5 or 6 arguments"):
             run(vcpu.fd)
+        with pytest.raises(ValueError, match="reported must be"):
+            run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus.table, counter, bytearray(10))
         with pytest.raises(TypeError, match="table must be"):
             run(vcpu.fd, vcpu.run_page, machine.lock, [None] * 10, counter)
         with pytest.raises(ValueError, match="smaller than struct kvm_run"):

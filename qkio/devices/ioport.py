@@ -97,7 +97,11 @@ class PortBus:
         # slots are never owned.  Each owned slot holds (device, base, length).
         self._slots: list[tuple[PortDevice, int, int] | None] = [None] * (PORT_COUNT + 3)
         self._names: dict[int, str] = {}      # base -> name, for messages and regions()
-        self._reported: set[int] = set()      # unowned ports already reported
+        # One flag per port: 1 once the port, unowned, has been reported.  A
+        # bytearray rather than a set so that qkio.native's exit loop can read
+        # it: an access to unowned ports already reported is completed there,
+        # without coming back to Python (writes dropped, reads all ones).
+        self.reported = bytearray(PORT_COUNT + 3)
 
     # -- set-up ---------------------------------------------------------------
 
@@ -221,9 +225,10 @@ class PortBus:
             # last port: there is no port 0x10000 to name, and the access was
             # already reported by its first piece.
             return
-        ports = range(port, min(port + size, PORT_COUNT))
-        if not self._reported.issuperset(ports):
-            self._reported.update(ports)
+        end = min(port + size, PORT_COUNT)
+        reported = self.reported
+        if not all(reported[port:end]):
+            reported[port:end] = b"\x01" * (end - port)
             self.on_unassigned(port, size, is_write)
 
     def _read_slow(self, port: int, size: int) -> int:

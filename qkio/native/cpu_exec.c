@@ -31,7 +31,7 @@
  *
  * The interface is one function:
  *
- *     run(fd, run_page, mutex, table, io_exits) -> ret
+ *     run(fd, run_page, mutex, table, io_exits[, reported]) -> ret
  *
  *   fd        the vCPU fd
  *   run_page  the mmap'ed struct kvm_run (anything with a writable buffer)
@@ -44,6 +44,8 @@
  *             array('Q', [0]), say): the number of port accesses completed
  *             here, bumped after each one so that other threads read a live
  *             count (the exit tally, the SIGHUP report) while we loop
+ *   reported  optional: PortBus.reported, a byte per port, 1 once that unowned
+ *             port has been reported
  *
  * It loops until an exit it does not handle and returns that exit's reason
  * (>= 0) or, when KVM_RUN failed, -errno (EINTR is a kick, EAGAIN an AP woken
@@ -53,9 +55,11 @@
  * propagates, also with the mutex held.
  *
  * Exits it hands back untouched (the Python path then does the full work):
- * anything but KVM_EXIT_IO; string I/O (count > 1); a port nobody owns (the
- * bus logs it once); an access that runs off its device or is unaligned (the
- * bus splits it, as QEMU's memory core would).
+ * anything but KVM_EXIT_IO; string I/O (count > 1); a port nobody owns that
+ * the bus has not reported yet (it logs each unowned port once; after that,
+ * with the optional sixth argument `reported`, PortBus.reported, the access
+ * is completed here: dropped, or read as all ones); an access that runs off
+ * its device or is unaligned (the bus splits it, as QEMU's memory core would).
  *
  * Kicks need nothing here.  A kick sets immediate_exit or leaves SIG_IPI
  * pending *before* it signals, so the next KVM_RUN returns EINTR and we hand
@@ -215,7 +219,9 @@ struct loop {
     Py_ssize_t run_size;
     PyObject *mutex, *release, *acquire, *contended, *ident, *slots;
     QemuMutex *raw;  /* the mutex's raw_lock, if it is a QemuMutex; else NULL */
+    const uint8_t *reported;  /* PortBus.reported, a flag per port; NULL if not given */
 };
+
 
 /* pre_kvm_run; KVM_RUN with the GIL released; post_kvm_run.
  * Returns KVM_RUN's result (-errno on failure) in *ret; -1 if Python raised. */
@@ -275,6 +281,23 @@ static void store_le(uint8_t *p, int size, uint32_t v)
         p[i] = (uint8_t)v;
 }
 
+/* An access to ports nobody owns, every one of them already reported by
+ * PortBus (which logs each unowned port once): complete it here, as PortBus
+ * would -- an OUT is dropped, an IN reads all ones -- so that it costs no more
+ * than an access to a device (QEMU's unassigned region answers in C too).
+ * 1: done; 0: the Python path must take it (owned, or not reported yet). */
+static int complete_unowned(struct loop *l, int port, int size, uint8_t *data)
+{
+    if (!l->reported || port + size > PyList_GET_SIZE(l->slots))
+        return 0;
+    for (int p = port; p < port + size; p++)
+        if (PyList_GET_ITEM(l->slots, p) != Py_None || !l->reported[p])
+            return 0;
+    if (l->run->io.direction == KVM_EXIT_IO_IN)
+        store_le(data, size, 0xffffffffu);
+    return 1;
+}
+
 /* Complete one KVM_EXIT_IO on its device.  1: done; 0: not ours, the Python
  * path must take it; -1: the device raised. */
 static int dispatch_io(struct loop *l)
@@ -290,7 +313,9 @@ static int dispatch_io(struct loop *l)
     if (run->io.data_offset + (uint64_t)size > (uint64_t)l->run_size)
         return 0;  /* never happens with a sane kernel; let Python complain */
     entry = PyList_GET_ITEM(l->slots, port);
-    if (entry == Py_None || !PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3)
+    if (entry == Py_None)
+        return complete_unowned(l, port, size, data);
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 3)
         return 0;
     device = PyTuple_GET_ITEM(entry, 0);
     base = PyLong_AsLong(PyTuple_GET_ITEM(entry, 1));
@@ -345,13 +370,14 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
 {
     struct loop l = {0};
     PyObject *lock;
-    Py_buffer page, counter;
+    Py_buffer page, counter, reported;
     volatile uint64_t *io_exits;
     PyObject *result = NULL;
     int ret = 0, done;
 
-    if (argc != 5) {
-        PyErr_SetString(PyExc_TypeError, "run(fd, run_page, mutex, table, io_exits) takes 5 arguments");
+    if (argc != 5 && argc != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "run(fd, run_page, mutex, table, io_exits[, reported]) takes 5 or 6 arguments");
         return NULL;
     }
     long fd = PyLong_AsLong(argv[0]);
@@ -374,7 +400,25 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
         return NULL;
     }
     io_exits = counter.buf;
+    if (argc == 6) {
+        /* Read-only here.  PortBus sets a flag when it reports a port, on the
+         * Python path of some vCPU thread, with the mutex held; we read the
+         * flags with the mutex held too, so never while one is being set. */
+        if (PyObject_GetBuffer(argv[5], &reported, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&counter);
+            return NULL;
+        }
+        if (reported.len < PyList_GET_SIZE(argv[3])) {  /* a flag for every entry of table */
+            PyErr_SetString(PyExc_ValueError, "reported must be PortBus.reported, a flag per port of table");
+            PyBuffer_Release(&reported);
+            PyBuffer_Release(&counter);
+            return NULL;
+        }
+        l.reported = reported.buf;
+    }
     if (PyObject_GetBuffer(argv[1], &page, PyBUF_WRITABLE) < 0) {
+        if (l.reported)
+            PyBuffer_Release(&reported);
         PyBuffer_Release(&counter);
         return NULL;
     }
@@ -423,13 +467,16 @@ out:
     Py_XDECREF(l.ident);
     PyBuffer_Release(&page);
     PyBuffer_Release(&counter);
+    if (l.reported)
+        PyBuffer_Release(&reported);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))cpu_exec_run, METH_FASTCALL,
-     "run(fd, run_page, mutex, table, io_exits) -> ret: KVM_RUN with qemu_mutex dropped,\n"
-     "completing port I/O on PortBus devices, until an exit the caller must handle."},
+     "run(fd, run_page, mutex, table, io_exits[, reported]) -> ret: KVM_RUN with qemu_mutex\n"
+     "dropped, completing port I/O on PortBus devices (and on unowned ports already\n"
+     "reported), until an exit the caller must handle."},
     {NULL, NULL, 0, NULL},
 };
 
