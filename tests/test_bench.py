@@ -141,10 +141,14 @@ def test_pio():
     json.dumps(r)
     for impl, d in r["per_exit_us"].items():
         well_formed(d, 1)
-    # QEMU's figure is a difference of two ~3 s process runs: with 500 exits
+    # QEMU's figure is a difference of two process runs: with 500 exits
     # between them its start-up jitter dominates and may even make it negative.
     assert r["per_exit_us"]["qkio"]["p50"] > 0 and r["per_exit_us"]["c"]["p50"] > 0
+    assert r["per_exit_us"]["qkio unowned"]["p50"] > 0
+    assert r["ports"]["qkio"] == 0x3FF and r["ports"]["qkio unowned"] == 0x500
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
+    if "qemu" in r["per_exit_us"]:
+        assert set(r["targets"]) == {"qkio/c", "qkio/qemu", "qkio unowned/qemu unowned"}
 
 
 @pytest.mark.kvm

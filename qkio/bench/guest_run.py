@@ -1,15 +1,20 @@
 """Running a benchmark guest: in qkio (in this process), in C, in QEMU.
 
-Each ``run_*`` boots the same Multiboot ELF with ``count=N`` on its command
-line and returns the seconds the run took, measured the way that
-implementation allows:
+Each ``run_*`` boots the same Multiboot ELF with ``count=N`` (and, for
+``pio-loop``, ``port=P``) on its command line and returns the seconds the
+run took, measured the way that implementation allows:
 
 * qkio: wall time of ``Machine.run()`` (vCPU thread start, the guest's
   exits, the stop), in this process;
 * C (``pio_ref.c``): the program's own CLOCK_MONOTONIC around its KVM_RUN
   loop;
-* QEMU: wall time of the whole ``qemu-system-x86_64`` process, SeaBIOS and
-  Multiboot loading included.
+* QEMU: wall time of the whole ``qemu-system-x86_64`` process, loading
+  included.  The machine is ``microvm`` (``-M microvm,acpi=off``): QEMU's
+  smallest, which loads a Multiboot kernel itself -- no SeaBIOS, no PCI,
+  about 40 ms from exec to the guest's first instruction here instead of
+  the ~3 s of ``-M pc``, whose start-up jitter blurred per-exit figures.
+  ``-cpu host``, as qkio gives the guest the host's CPUID.  With
+  ``-serial null`` its UART sits at 0x3f8 as qkio's does.
 
 The benchmarks difference two runs, ``(T(N) - T(small)) / (N - small)``,
 which removes every cost that does not grow with N (start-up, loading,
@@ -26,10 +31,12 @@ import time
 
 from .build import build_c
 
-BENCH_PORT = 0x80   # qkio/guests/pio-loop.s writes here
+BENCH_PORT = 0x80   # qkio/guests/pio-loop.s writes here unless given port=P
+DEVICE_PORT = 0x3FF  # the UART's scratch register, in qkio and in QEMU: a device's port
+UNOWNED_PORT = 0x500  # nobody's, in qkio and in QEMU microvm
 QEMU = "qemu-system-x86_64"
-QEMU_ARGS = ("-accel", "kvm", "-M", "pc", "-nodefaults", "-display", "none",
-             "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
+QEMU_ARGS = ("-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-nodefaults",
+             "-display", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
 GUEST_EXIT_STATUS = 33  # the guests write 0x10 to isa-debug-exit: (0x10 << 1) | 1
 
 
@@ -47,24 +54,33 @@ class RunFailed(RuntimeError):
     pass
 
 
-def qkio_machine(elf, count: int, console=None, **kw):
+def cmdline(count: int, port: int | None = None) -> str:
+    """The guest's command line: ``count=N``, and ``port=P`` (decimal) if given."""
+    return f"count={count}" + (f" port={port}" if port is not None else "")
+
+
+def qkio_machine(elf, count: int, console=None, port: int | None = None, **kw):
     """A qkio Machine with the guest loaded and a null device on the benchmark port."""
     from qkio.machine import Machine
     machine = Machine(memory_mib=8, console=console or (lambda data: None), **kw)
     try:
         machine.bus.register(BENCH_PORT, 1, NullDevice(), "bench-null")
-        machine.load_multiboot(elf, append=f"count={count}")
+        machine.load_multiboot(elf, append=cmdline(count, port))
     except BaseException:
         machine.close()
         raise
     return machine
 
 
-def run_qkio(elf, count: int, setup=None, exit_path: str | None = None) -> tuple[float, dict]:
+def run_qkio(elf, count: int, setup=None, exit_path: str | None = None,
+             port: int | None = None) -> tuple[float, dict]:
     """Seconds of ``Machine.run()`` and the vCPU's exit counts.  ``setup(machine)``
     runs before the clock starts (e.g. to register an ioeventfd).  ``exit_path``:
-    see :class:`qkio.machine.Machine` (None: native if it was built at install)."""
-    machine = qkio_machine(elf, count, exit_path=exit_path)
+    see :class:`qkio.machine.Machine` (None: native if it was built at install).  An
+    unowned ``port`` is reported once, silently (a benchmark has no log)."""
+    machine = qkio_machine(elf, count, exit_path=exit_path, port=port,
+                           log=lambda message: None)
+    machine.bus.on_unassigned = lambda *access: None
     try:
         extra = setup(machine) if setup else None
         t0 = time.perf_counter()
@@ -81,9 +97,10 @@ def run_qkio(elf, count: int, setup=None, exit_path: str | None = None) -> tuple
         machine.close()
 
 
-def run_c(elf, count: int, ioeventfd_port: int | None = None) -> tuple[float, dict]:
+def run_c(elf, count: int, ioeventfd_port: int | None = None,
+          port: int | None = None) -> tuple[float, dict]:
     """Seconds of ``pio_ref``'s KVM_RUN loop, and its exit count."""
-    argv = [str(build_c("pio_ref")), os.fspath(elf), str(count)]
+    argv = [str(build_c("pio_ref")), os.fspath(elf), cmdline(count, port)]
     if ioeventfd_port is not None:
         argv.append(hex(ioeventfd_port))
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -93,9 +110,10 @@ def run_c(elf, count: int, ioeventfd_port: int | None = None) -> tuple[float, di
     return out["seconds"], {"exits": out["exits"]}
 
 
-def run_qemu(elf, count: int, serial=None) -> tuple[float, dict]:
+def run_qemu(elf, count: int, port: int | None = None) -> tuple[float, dict]:
     """Wall seconds of a whole QEMU run of the guest."""
-    argv = [QEMU, *QEMU_ARGS, "-kernel", os.fspath(elf), "-append", f"count={count}"]
+    argv = [QEMU, *QEMU_ARGS, "-serial", "null", "-kernel", os.fspath(elf),
+            "-append", cmdline(count, port)]
     t0 = time.perf_counter()
     r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
     seconds = time.perf_counter() - t0

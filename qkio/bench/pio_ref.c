@@ -1,13 +1,14 @@
 /* pio_ref.c: the floor for `qkio bench pio` -- the same guest, the same
  * KVM_RUN loop, in C.
  *
- *   pio_ref GUEST.ELF COUNT [IOEVENTFD_PORT]
+ *   pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT]
  *
  * Builds a VM shaped like qkio's (TSS and identity map, in-kernel irqchip
  * and PIT, 8 MiB of RAM at 0), loads the Multiboot ELF's PT_LOAD segments,
  * enters it in 32-bit protected mode with flat segments as a Multiboot
  * loader does (EAX = 0x2BADB002, EBX -> an information structure carrying
- * only the command line "count=COUNT"), and loops on KVM_RUN:
+ * only the command line: "count=COUNT", or CMDLINE as given if it is not a
+ * plain number, e.g. "count=1000 port=1280"), and loops on KVM_RUN:
  *
  *   KVM_EXIT_IO to port 0xf4   -> the guest is done: stop
  *   any other KVM_EXIT_IO      -> count it, do nothing else (a null device)
@@ -106,7 +107,7 @@ static void flat_segment(struct kvm_segment *s, uint16_t selector, uint8_t type)
 int main(int argc, char **argv)
 {
     if (argc < 3)
-        fail("usage: pio_ref GUEST.ELF COUNT [IOEVENTFD_PORT]");
+        fail("usage: pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT]");
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0)
         die("/dev/kvm");
@@ -133,7 +134,10 @@ int main(int argc, char **argv)
     memset(mbi, 0, 0x100);
     mbi[0] = 1u << 2;          /* flags: cmdline is valid */
     mbi[4] = CMDLINE;          /* offset 16: cmdline */
-    snprintf((char *)ram + CMDLINE, 64, "count=%s", argv[2]);
+    if (strspn(argv[2], "0123456789") == strlen(argv[2]))
+        snprintf((char *)ram + CMDLINE, 256, "count=%s", argv[2]);
+    else
+        snprintf((char *)ram + CMDLINE, 256, "%s", argv[2]);
 
     if (argc > 3) {
         int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

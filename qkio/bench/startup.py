@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 
-from .guest_run import QEMU, have_qemu
+from .guest_run import QEMU, QEMU_ARGS, have_qemu
 from .stats import fmt_dist, median, summarize
 
 NAME = "startup"
@@ -51,9 +51,6 @@ METHOD = ("hello guest (prints a line, exits 33); each process timed fork -> wai
           "ratios and differences per round")
 GREETING = b"Hello from qkio's guest"
 TARGETS = {"qkio/qemu": 1.0, "qkio - python (ms)": 15.0}
-QEMU_MICROVM = ("-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-nodefaults",
-                "-display", "none", "-serial", "stdio",
-                "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
 
 
 def qkio_command() -> list[str]:
@@ -69,7 +66,7 @@ def commands(elf: str) -> dict[str, list[str]]:
     return {
         "qkio": [*qkio_command(), "run", "--kernel", elf],
         "qkio --pit": [*qkio_command(), "run", "--pit", "--kernel", elf],
-        "qemu": [QEMU, *QEMU_MICROVM, "-kernel", elf],
+        "qemu": [QEMU, *QEMU_ARGS, "-serial", "stdio", "-kernel", elf],
         "python": [sys.executable, "-c", "pass"],
     }
 

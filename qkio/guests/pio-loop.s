@@ -1,6 +1,9 @@
 # pio-loop: N OUT instructions to port 0x80, then exit 33.
 #
-# N is `count=N` on the command line (default 10000).  Every OUT is one
+# N is `count=N` on the command line (default 10000); `port=P` (decimal)
+# writes port P instead of 0x80 -- `qkio bench pio` uses it to compare a
+# device's port (port=1023, the UART's scratch register) with a port nobody
+# owns (port=1280, 0x500) in qkio and in QEMU.  Every OUT is one
 # KVM_EXIT_IO round trip: guest -> kernel -> the vCPU thread's ioctl
 # returns -> Python looks the port up -> KVM_RUN again.  That is the number
 # the benchmarks divide by.
@@ -23,18 +26,22 @@
         .globl _start
 _start:
         enter_kernel
-        mov     $count_key, %esi
+        mov     $port_key, %esi
         call    cmdline_number
         jnc     1f
+        mov     $POST_PORT, %eax
+1:      mov     %eax, %edx              # %dx: the port (cmdline_number keeps %edx)
+        mov     $count_key, %esi
+        call    cmdline_number
+        jnc     2f
         mov     $DEFAULT_COUNT, %eax
-1:      mov     %eax, %ecx
+2:      mov     %eax, %ecx
         test    %ecx, %ecx
         jz      done
-        mov     $POST_PORT, %dx
-2:      mov     %cl, %al                # counts down: N, N-1, ..., 1 (low bytes)
+3:      mov     %cl, %al                # counts down: N, N-1, ..., 1 (low bytes)
         outb    %al, %dx
         dec     %ecx
-        jnz     2b
+        jnz     3b
 done:
         mov     $EXIT_DONE, %eax
         jmp     exit_vmm
@@ -42,3 +49,5 @@ done:
         .section .rodata
 count_key:
         .asciz  "count"
+port_key:
+        .asciz  "port"
