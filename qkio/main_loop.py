@@ -68,6 +68,7 @@ import select
 import signal
 import threading
 import time
+from threading import get_ident
 from collections.abc import Callable
 
 from qkio import trace
@@ -116,8 +117,10 @@ class _SelectBackend:
     name = "select"
 
     def wait(self, rfds: list[int], wfds: list[int], timeout_s: float | None):
+        # select() hands back lists of the ready fds: few, so ``in`` on them
+        # is as quick as on a set, and building sets would cost every pass.
         r, w, _ = select.select(rfds, wfds, [], timeout_s)
-        return set(r), set(w)
+        return r, w
 
     def close(self) -> None:
         pass
@@ -383,6 +386,7 @@ class MainLoop:
         self._timers: list[tuple[int, int, int, QEMUTimer]] = []  # (expire, seq, gen, timer)
         self._seq = itertools.count()
         self._bhs: list[QEMUBH] = []
+        self._deleted_records = False  # some record in _handlers is marked deleted
         self._exit_requested = False
         self.io_thread: int | None = None  # threading.get_ident() of the last waiter
         self.alarm_timer: DynticksAlarm | None = None  # set by init_timer_alarm (--clock alarm)
@@ -406,6 +410,7 @@ class MainLoop:
             for rec in self._handlers:
                 if rec.fd == fd:
                     rec.deleted = True
+                    self._deleted_records = True  # main_loop_wait frees it after dispatch
                     break
         else:
             for rec in self._handlers:
@@ -535,22 +540,33 @@ class MainLoop:
         Called by the io thread with the global lock held, as in qemu-kvm.  A
         caller that does not hold it (a test, a notebook cell) gets it taken
         for the duration of the call.
+
+        Written for a pass with nothing to do but the doorbell: everything
+        not needed then is skipped by one test (no bottom half, no timer, no
+        deleted record), and with tracing off a handler is called directly.
+        Such a pass is what every wake-up of the io thread costs, so each
+        step it takes is Python time between the kernel waking the thread
+        and the thread being done (``qkio bench wakeup`` measures it against
+        the same loop in C).
         """
-        if not self.lock.held_by_me():
-            with self.lock:
+        lock = self.lock
+        me = get_ident()
+        if lock.owner != me:
+            with lock:
                 return self.main_loop_wait(timeout_ms)
-        self.io_thread = threading.get_ident()
+        self.io_thread = me
         self.iterations += 1
-        tracer = self.tracer
+        tracing = self.tracer.enabled
 
         # 1. how long may we sleep?
         timeout_ns = max(0, int(timeout_ms)) * 1_000_000
         for bh in self._bhs:
             if bh.scheduled and not bh.deleted:
                 timeout_ns = min(timeout_ns, 10_000_000 if bh.idle else 0)
-        deadline = self._next_deadline() if self.alarm_timer is None else None
-        if deadline is not None:  # --clock deadline; 0.12 (alarm) never did this
-            timeout_ns = min(timeout_ns, max(0, deadline - time.monotonic_ns()))
+        if self._timers and self.alarm_timer is None:  # --clock deadline; 0.12 (alarm) never did this
+            deadline = self._next_deadline()
+            if deadline is not None:
+                timeout_ns = min(timeout_ns, max(0, deadline - time.monotonic_ns()))
 
         # 2. the fd sets
         rfds: list[int] = []
@@ -564,40 +580,56 @@ class MainLoop:
                 wfds.append(rec.fd)
 
         # 3. sleep without the lock
-        if tracer.enabled:
-            tracer.begin("main_loop_wait", backend=self.backend.name, rfds=rfds,
-                         wfds=wfds, timeout_ms=timeout_ns / 1e6)
-        with self.lock.released():
+        if tracing:
+            self.tracer.begin("main_loop_wait", backend=self.backend.name, rfds=rfds,
+                              wfds=wfds, timeout_ms=timeout_ns / 1e6)
+        lock.unlock()
+        try:
             ready_r, ready_w = self.backend.wait(rfds, wfds, timeout_ns / 1e9)
-        if tracer.enabled:
-            tracer.end("main_loop_wait", ready_r=sorted(ready_r), ready_w=sorted(ready_w),
-                       timed_out=not (ready_r or ready_w))
+        finally:
+            # lock.lock(), inlined (GlobalMutex's documented raw_lock/owner
+            # contract): this is the first thing a woken io thread does
+            if not lock.raw_lock.acquire(False):
+                lock.lock_contended()
+            lock.owner = me
+        if tracing:
+            self.tracer.end("main_loop_wait", ready_r=sorted(ready_r), ready_w=sorted(ready_w),
+                            timed_out=not (ready_r or ready_w))
 
         # 4. dispatch, then free what was deleted (possibly by the handlers)
         called = 0
         if ready_r or ready_w:
-            for rec in list(self._handlers):
-                if not rec.deleted and rec.fd_read and rec.fd in ready_r:
-                    self._call("fd_read", rec.fd_read, rec.opaque, fd=rec.fd)
+            for rec in self._handlers[:]:  # a copy: handlers may add or remove records
+                if rec.fd_read and rec.fd in ready_r and not rec.deleted:
+                    if tracing:
+                        self._call("fd_read", rec.fd_read, rec.opaque, fd=rec.fd)
+                    else:
+                        rec.fd_read(rec.opaque)
                     called += 1
-                if not rec.deleted and rec.fd_write and rec.fd in ready_w:
-                    self._call("fd_write", rec.fd_write, rec.opaque, fd=rec.fd)
+                if rec.fd_write and rec.fd in ready_w and not rec.deleted:
+                    if tracing:
+                        self._call("fd_write", rec.fd_write, rec.opaque, fd=rec.fd)
+                    else:
+                        rec.fd_write(rec.opaque)
                     called += 1
-        if any(rec.deleted for rec in self._handlers):
+        if self._deleted_records:
+            self._deleted_records = False
             self._handlers = [rec for rec in self._handlers if not rec.deleted]
 
         # 5. timers (with the alarm clock, first "rearm timer, if not periodic")
         if self.alarm_timer is not None:
             self.alarm_timer.after_wait()
-        self.qemu_run_timers()
+        if self._timers:
+            self.qemu_run_timers()
 
         # 6. bottom halves
-        for bh in list(self._bhs):
-            if bh.scheduled and not bh.deleted:
-                bh.scheduled = False
-                self._call("bh", bh.cb, bh.opaque)
-        if any(bh.deleted for bh in self._bhs):
-            self._bhs = [bh for bh in self._bhs if not bh.deleted]
+        if self._bhs:
+            for bh in self._bhs[:]:
+                if bh.scheduled and not bh.deleted:
+                    bh.scheduled = False
+                    self._call("bh", bh.cb, bh.opaque)
+            if any(bh.deleted for bh in self._bhs):
+                self._bhs = [bh for bh in self._bhs if not bh.deleted]
         return called
 
     def _call(self, kind: str, fn: Callable[[Any], Any], opaque: Any, **args: Any) -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -48,6 +49,7 @@ import threading
 import time
 
 from qkio.main_loop import MainLoop
+from qkio.notify import EventNotifier
 
 from .build import build_c
 from .stats import fmt_dist, host_steal_ms, steal_between, summarize
@@ -229,6 +231,73 @@ def busy_notifier(count: int = 30, busy_s: float = 0.02) -> dict:
             "ways": ways}
 
 
+def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
+    """The same wake-up with the least any Python io thread can do: the floor under qkio's.
+
+    The sender is the same (``EventNotifier.notify`` on the same kind of
+    notifier); the io thread is bare Python: drop a lock, ``select()`` on the
+    notifier, take the lock, one read to drain it, read the clock,
+    acknowledge.  No main loop, no handler registry, no dispatch.  What it
+    costs beyond the C reference is the interpreter's own share of a
+    wake-up -- mostly the woken thread taking the GIL -- which no Python
+    main loop can go under.  Same keys as :func:`wake_latency`.
+    """
+    notifier = EventNotifier(kind)
+    ack_r, ack_w = os.pipe()
+    lock = threading.Lock()
+    stop = False
+    cpu = {}
+
+    def io_thread() -> None:
+        now, sel, read, write, pack = time.monotonic_ns, select.select, os.read, os.write, _NS.pack
+        fd, size, fds = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd]
+        cpu0 = time.thread_time_ns()
+        wakes = 0
+        lock.acquire()
+        while not stop:
+            lock.release()
+            ready, _, _ = sel(fds, [], [], 1.0)
+            lock.acquire()
+            if ready:
+                read(fd, size)
+                t = now()
+                if not stop:
+                    wakes += 1
+                    write(ack_w, pack(t))
+        lock.release()
+        cpu["ns"] = time.thread_time_ns() - cpu0
+        cpu["wakes"] = wakes
+
+    thread = threading.Thread(target=io_thread, name="python floor (bench)", daemon=True)
+    thread.start()
+    samples = []
+    try:
+        time.sleep(0.01)
+        now, read, unpack, notify = time.monotonic_ns, os.read, _NS.unpack, notifier.notify
+        for i in range(warmup + count):
+            t0 = now()
+            notify()
+            (t1,) = unpack(read(ack_r, 8))
+            if i >= warmup:
+                samples.append((t1 - t0) / 1000)
+            if gap_s:
+                time.sleep(gap_s)
+    finally:
+        stop = True
+        notifier.notify()
+        thread.join(10)
+        os.close(ack_r)
+        os.close(ack_w)
+        notifier.close()
+    wakes = cpu.get("wakes", 0)
+    return {
+        "latency_us": summarize(samples),
+        "samples_us": samples,
+        "io_cpu_us_per_wake": round(cpu["ns"] / wakes / 1000, 2) if wakes else None,
+        "wakeups": wakes,
+    }
+
+
 def run(quick: bool = False, progress=None, count: int | None = None,
         samples: bool = False, rounds: int | None = None) -> dict:
     """``rounds`` rounds; in each, every notifier kind, qkio's wake-ups then the C ones.
@@ -241,10 +310,11 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     rounds = max(1, min(rounds or (4 if quick else 10), count))
     result = {"method": METHOD, "count": count, "rounds": rounds,
               "switch_interval_s": sys.getswitchinterval(),
-              "kinds": {}, "c_reference": {}, "ratios": {}, "targets": {}}
+              "kinds": {}, "c_reference": {}, "python_floor": {}, "ratios": {}, "targets": {}}
     chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
     acc = {kind: {"q_lat": [], "c_lat": [], "q_cpu": 0.0, "c_cpu": 0.0, "q_wakes": 0,
                   "c_wakes": 0, "per_round": [], "q_round_p50": [], "c_round_p50": [],
+                  "f_lat": [], "f_cpu": 0.0, "f_wakes": 0, "f_round_p50": [],
                   "steal": None} for kind in KINDS}
     # Rounds outside, kinds inside: every round runs both notifiers, qkio's
     # then C's, so a change in the host's load hits all four alike and the
@@ -253,11 +323,16 @@ def run(quick: bool = False, progress=None, count: int | None = None,
         for kind in KINDS:
             a = acc[kind]
             if progress:
-                progress(f"round {i + 1}/{rounds}: {kind}, {n} wake-ups each, qkio then C")
+                progress(f"round {i + 1}/{rounds}: {kind}, {n} wake-ups each, qkio, C, Python floor")
             steal0 = host_steal_ms()
             with MainLoop(backend="select", notifier=kind) as loop:
                 q = wake_latency(loop, n)
             c = c_wake_latency(kind, n)
+            f = floor_wake_latency(kind, n)
+            a["f_lat"] += f["samples_us"]
+            a["f_cpu"] += (f["io_cpu_us_per_wake"] or 0) * f["wakeups"]
+            a["f_wakes"] += f["wakeups"]
+            a["f_round_p50"].append(f["latency_us"]["p50"])
             steal = steal_between(steal0, host_steal_ms())
             if steal is not None:
                 a["steal"] = (a["steal"] or 0) + steal
@@ -281,9 +356,17 @@ def run(quick: bool = False, progress=None, count: int | None = None,
             {"wakeups": c_wakes, "io_cpu_us_per_wake": round(a["c_cpu"] / c_wakes, 2) if c_wakes else None,
              "round_p50_us": a["c_round_p50"]},
             a["c_lat"], samples)
-        ratio = result["kinds"][kind]["latency_us"]["p50"] / result["c_reference"][kind]["latency_us"]["p50"]
-        result["ratios"][kind] = {"p50_over_c_p50": round(ratio, 3),
-                                  "per_round": summarize(a["per_round"])}
+        f_wakes = a["f_wakes"]
+        result["python_floor"][kind] = _finish(
+            {"wakeups": f_wakes, "io_cpu_us_per_wake": round(a["f_cpu"] / f_wakes, 2) if f_wakes else None,
+             "round_p50_us": a["f_round_p50"]}, a["f_lat"], samples)
+        q50 = result["kinds"][kind]["latency_us"]["p50"]
+        c50 = result["c_reference"][kind]["latency_us"]["p50"]
+        f50 = result["python_floor"][kind]["latency_us"]["p50"]
+        result["ratios"][kind] = {"p50_over_c_p50": round(q50 / c50, 3),
+                                  "per_round": summarize(a["per_round"]),
+                                  "floor_p50_over_c_p50": round(f50 / c50, 3),
+                                  "qkio_minus_floor_p50_us": round(q50 - f50, 3)}
     ev = result["ratios"].get("eventfd")
     if ev:
         result["targets"]["eventfd p50 / C p50"] = {
@@ -303,7 +386,15 @@ def table(result: dict) -> list[tuple[str, str]]:
         if c:
             rows.append((f"{kind} (C)", f"{fmt_dist(c['latency_us'])}; "
                                         f"io thread CPU {c['io_cpu_us_per_wake']} µs/wake"))
+            fl = result.get("python_floor", {}).get(kind)
+            if fl:
+                rows.append((f"{kind} (Python floor)", f"{fmt_dist(fl['latency_us'])}; "
+                                                       f"io thread CPU {fl['io_cpu_us_per_wake']} µs/wake"))
             q = result["ratios"][kind]
+            if "floor_p50_over_c_p50" in q:
+                rows.append((f"{kind} floor/C", f"{q['floor_p50_over_c_p50']:.2f} at the median: no Python "
+                                                f"io thread does better; qkio adds "
+                                                f"{q['qkio_minus_floor_p50_us']:.1f} µs to it"))
             rows.append((f"{kind} qkio/C", f"{q['p50_over_c_p50']:.2f} at the median (per round "
                                            f"{q['per_round']['min']:.2f}..{q['per_round']['max']:.2f})"))
     ev = result["kinds"].get("eventfd")
