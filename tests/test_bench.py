@@ -251,3 +251,16 @@ def test_startup_runs_each_command_and_checks_it():
     assert r["cpu_ms"]["qkio"]["min"] > r["cpu_ms"]["python"]["min"]
     assert r["qkio_own_ms"]["n"] == r["pit_cost_ms"]["n"] == 2
     assert "--kernel" in r["commands"]["qkio"] and "--pit" in r["commands"]["qkio --pit"]
+
+
+@pytest.mark.kvm
+def test_timers_every_firing_never_early_and_a_verdict_per_path():
+    from qkio.bench import timer_lateness
+    res = timer_lateness.run(rounds=1, count=8)
+    assert set(res["runs"]) == {f"{c}/{p}" for c in ("deadline", "alarm")
+                                for p in ("signalfd", "thread", "async")} | {timer_lateness.RACE}
+    for key, r in res["runs"].items():
+        assert r["statuses"] == [0] and r["counted"] == 8 and r["min_us"] >= 0
+        assert (r["alarm_signals"] > r["firings"]) if key.startswith("alarm") else r["alarm_signals"] == 0
+    assert set(res["verdicts"]) == {"signalfd", "thread", "async"}
+    assert all(row[1] for row in timer_lateness.table(res))

@@ -24,6 +24,8 @@ Each module's docstring says exactly how it measures.
 ``serial``     guest -> UART -> stdout pipe throughput, qkio vs QEMU
 ``virtio``     a virtio-blk request: CPU by thread, exits, notify -> interrupt,
                per notify mode (vcpu, main, iothread; sync or paio), qkio vs QEMU
+``timers``     a QEMUTimer's lateness: --clock alarm (0.12's SIGALRM) vs
+               deadline (modern), on each --signals path, in rounds
 =============  ==========================================================
 
 ``--quick`` runs each in a few seconds (what the book uses); the numbers
@@ -49,7 +51,8 @@ from .stats import host_steal_ms, steal_between
 #: Benchmark name -> its module (imported when first used).
 BENCHMARKS = {"signal": "signal_latency", "wakeup": "wakeup", "wait": "wait", "pio": "pio",
               "startup": "startup",
-              "ioeventfd": "ioeventfd", "serial": "serial_throughput", "virtio": "virtio"}
+              "ioeventfd": "ioeventfd", "serial": "serial_throughput", "virtio": "virtio",
+              "timers": "timer_lateness"}
 
 
 def benchmark(name: str):
