@@ -264,3 +264,20 @@ def test_timers_every_firing_never_early_and_a_verdict_per_path():
         assert (r["alarm_signals"] > r["firings"]) if key.startswith("alarm") else r["alarm_signals"] == 0
     assert set(res["verdicts"]) == {"signalfd", "thread", "async"}
     assert all(row[1] for row in timer_lateness.table(res))
+
+
+@pytest.mark.kvm
+@needs_tools
+def test_virtio_reports_every_mode_and_the_laws():
+    r = bench.benchmark("virtio").run(n=8, small=4, rounds=1)
+    modes = ("vcpu", "main", "iothread")
+    assert {f"qkio {m}" for m in modes} | {"qkio vcpu paio", "qkio main paio"} <= set(r["cpu_us_per_request"])
+    if r["qemu"]:
+        assert {f"qemu {m}" for m in modes} <= set(r["cpu_us_per_request"])
+        assert set(r["qkio_over_qemu_cpu"]) == set(modes)
+    assert r["guest_report"][3] == "virtio-blk: writes 8 reads 8 verified 8 errors 0"
+    assert r["notify_exits_per_request"]["vcpu"]["p50"] == 1.0
+    assert r["notify_exits_per_request"]["main"]["p50"] == r["notify_exits_per_request"]["iothread"]["p50"] == 0.0
+    assert r["requests_without_lock"]["iothread"]["without"] == r["requests_without_lock"]["iothread"]["of"] > 0
+    assert r["requests_without_lock"]["vcpu"]["without"] == 0
+    assert bench.benchmark("virtio").table(r)
