@@ -53,10 +53,16 @@ import errno
 import fcntl
 import os
 import select
-import socket
 import stat
 import time
-from typing import Callable
+from collections.abc import Callable
+
+# socket and typing are imported only where needed (a socket as stdout; the
+# type checker): every `qkio run` would otherwise pay for importing them at
+# start-up (qkio bench startup; see qkio.record).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 #: Bytes held for a reader that is slower than the guest.  The pipe or tty
 #: behind stdout is the real buffer (64 KiB for a pipe by default); this one
@@ -133,7 +139,9 @@ class CharOutput:
         elif self.kind == "gone":
             self._fail(OSError(errno.EPIPE, os.strerror(errno.EPIPE)))
         elif self.kind == "socket":
+            import socket
             self._sock = socket.socket(fileno=_dup_above_2(fd))
+            self._dontwait = socket.MSG_DONTWAIT
 
     # -- the guest's side (vCPU thread, lock held) ------------------------------
 
@@ -173,7 +181,7 @@ class CharOutput:
 
     def _send(self, data) -> int:
         if self._sock is not None:
-            return self._sock.send(data, socket.MSG_DONTWAIT)
+            return self._sock.send(data, self._dontwait)
         return os.write(self.wfd, data)
 
     def _writable(self, _opaque=None) -> None:
