@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections import defaultdict
 
@@ -174,3 +175,20 @@ def test_without_the_native_loop_a_run_says_so_or_refuses():
     assert insist.returncode == 1 and insist.stdout == b""
     assert b"the native exit loop is not available: QKIO_NATIVE=0" in insist.stderr
     assert insist.stderr.count(b"\n") == 1 and b"Traceback" not in insist.stderr
+
+
+def test_qkio_run_imports_only_what_it_uses():
+    """Start-up time is a feature (qkio bench startup): a plain ``qkio run`` of
+    a kernel file imports none of these.  A law, not a timing: each one was
+    once on the run path and cost milliseconds of every run."""
+    code = ("import sys, qkio.cli\n"
+            "status = qkio.cli.main(['run', '--kernel', sys.argv[1]])\n"
+            "print(status, ' '.join(sorted(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(test_kernel("hello"))],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    status, modules = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert status == "33", result.stderr
+    loaded = set(modules.split())
+    unwanted = {"dataclasses", "typing", "inspect", "subprocess", "tempfile", "shutil", "hashlib",
+                "json", "socket", "sysconfig", "qkio.virtio", "qkio.bench", "qkio.build"}
+    assert not loaded & unwanted, sorted(loaded & unwanted)
