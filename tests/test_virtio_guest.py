@@ -244,3 +244,28 @@ def test_interrupt_mode_on_qemu_microvm(tmp_path, iothread):
     assert result.returncode == 33, text + result.stderr.decode()
     assert guest_report(text)[:4] == EXPECTED
     assert interrupts_taken(text) >= 1
+
+
+@pytest.mark.parametrize("refuse", ["ioeventfd", "irqfd"])
+def test_a_refusing_kvm_gets_the_nearest_thing_that_works(tmp_path, monkeypatch, refuse):
+    """If KVM says no to KVM_IOEVENTFD on MMIO (the notify stays an MMIO exit) or to
+    KVM_IRQFD (the IOThread raises the line with KVM_IRQ_LINE), the run still
+    completes, and the refusal is recorded with its errno."""
+    import errno
+
+    from qkio.kvm.vm import Vm
+
+    def no(self, *args, **kw):
+        raise OSError(errno.ENOTSUP, f"{refuse} refused (simulated)")
+    monkeypatch.setattr(Vm, refuse, no)
+    r = run_machine(fresh_image(tmp_path / "d.img"), "iothread")
+    assert r["status"] == 33 and guest_report(r["output"])[:4] == EXPECTED
+    assert len(r["refusals"]) == 1 and "Errno 95" in r["refusals"][0]
+    runner = r["runner"]
+    if refuse == "ioeventfd":
+        assert "stays an MMIO exit" in r["refusals"][0]
+        assert runner.transport.mmio_notifies == 2 * COUNT + 2
+        assert set(runner.requests_by_thread) == {"CPU 0/KVM"}
+    else:
+        assert "KVM_IRQ_LINE" in r["refusals"][0]
+        assert set(runner.requests_by_thread) == {"IO io0"} and runner.requests_with_lock == 0

@@ -188,7 +188,8 @@ def table(result: dict) -> list[tuple[str, str]]:
         rows.append((f"{c}", f"CPU {d['p50']:.0f} µs/request (min {d['min']:.0f}, max {d['max']:.0f}); "
                              f"wall {w['p50']:.0f} µs"))
     for m, d in result["thread_cpu_us_per_request"].items():
-        parts = ", ".join(f"{k} {v['p50']:.0f}" for k, v in d.items())
+        # A thread with no work per request differences to ±1 µs of noise: show 0, not -0.
+        parts = ", ".join(f"{k} {v['p50'] + 0.0 if abs(v['p50']) >= 0.5 else 0.0:.0f}" for k, v in d.items())
         e = result["notify_exits_per_request"][m]["p50"]
         a = result["mmio_exits_per_request"][m]["p50"]
         h = result["notify_to_interrupt_us"][m]
