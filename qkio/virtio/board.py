@@ -5,11 +5,11 @@ Placement follows QEMU 7.2's ``microvm`` machine (hw/i386/microvm.c,
 ``virtio_num_transports = 8`` transports at ``VIRTIO_MMIO_BASE`` 0xfeb00000,
 512 bytes apart, transport *i* on GSI ``virtio_irq_base + i`` = 5 + *i*.
 Devices fill them from the top: QEMU's first ``-device virtio-blk-device``
-lands on the last transport created, 0xfeb00e00, IRQ 12 (qdev puts a new bus
-child at the head of the list, and the device goes on the first bus with
-room).  qkio does the same, so one guest finds its disk at the same address
+lands on the last transport created, 0xfeb00e00, IRQ 12 (``bus_add_child``,
+hw/core/qdev.c, inserts each new transport at the head of the system bus's
+children, and the device goes on the first free virtio bus found there).  qkio does the same, so one guest finds its disk at the same address
 on both VMMs -- but a guest should probe all eight, and the demo guest does.
-Like QEMU's ``microvm_fix_kernel_cmdline`` (and kvmtool, Firecracker), qkio
+Like QEMU's ``microvm_fix_kernel_cmdline`` (and Firecracker), qkio
 appends ``virtio_mmio.device=512@0xfeb00e00:12`` to the kernel command line,
 the form Linux's virtio_mmio driver parses.
 
