@@ -61,7 +61,7 @@ class ProgramHeader(Record):
     align: int
 
     def data(self, image: bytes) -> bytes:
-        """The segment's bytes from the file (``filesz`` of them)."""
+        """The segment's bytes from the file (``filesz`` of them; a view if ``image`` is one)."""
         return image[self.offset:self.offset + self.filesz]
 
 
@@ -84,12 +84,15 @@ class ElfImage(Record):
 
 
 def parse_elf(image: bytes) -> ElfImage:
-    """Read and check the file header and program headers of ``image``."""
-    image = bytes(image)
+    """Read and check the file header and program headers of ``image``.
+
+    ``image`` may be any bytes-like object -- a mapped file, say: only the
+    headers are read, never the whole file."""
+    image = memoryview(image)
     if len(image) < _EI_NIDENT:
         raise BadKernel(f"not an ELF file: only {len(image)} bytes, less than the 16-byte e_ident")
     if image[:4] != ELF_MAGIC:
-        raise BadKernel(f"not an ELF file: magic is {image[:4]!r}, not {ELF_MAGIC!r}")
+        raise BadKernel(f"not an ELF file: magic is {bytes(image[:4])!r}, not {ELF_MAGIC!r}")
     ei_class, ei_data, ei_version = image[4], image[5], image[6]
     if ei_class not in _EHDR:
         raise BadKernel(f"bad ELF: EI_CLASS {ei_class} is neither 1 (32-bit) nor 2 (64-bit)")

@@ -222,10 +222,29 @@ class CpuState(Record):
 Write = tuple[int, bytes]
 
 
+class Zeros:
+    """``length`` zero bytes, not allocated: a write of it is ``memory.fill(gpa, length, 0)``."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, length: int):
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"Zeros({self.length:#x})"
+
+
 def apply_writes(memory, writes: list[Write]) -> None:
-    """Copy each ``(gpa, bytes)`` into guest memory (bounds-checked there)."""
+    """Copy each ``(gpa, bytes)`` into guest memory (bounds-checked there); a
+    :class:`Zeros` is a fill, which costs nothing on pages never written."""
     for gpa, data in writes:
-        memory.write(gpa, data)
+        if isinstance(data, Zeros):
+            memory.fill(gpa, len(data), 0)
+        else:
+            memory.write(gpa, data)
 
 
 # --- Segments --------------------------------------------------------------

@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from ..errors import BadKernel, GuestMemoryError
 from ..record import Record
 from . import elf
-from .modes import GDT_BASE, CpuState, apply_writes, flat_gdt, protected_mode_state
+from .modes import GDT_BASE, CpuState, Zeros, apply_writes, flat_gdt, protected_mode_state
 
 # --- Numbers from the Multiboot 0.6.96 specification -------------------------
 
@@ -160,7 +160,7 @@ def _is_linux(image: bytes) -> bool:
 
 def find_header(image: bytes) -> MultibootHeader:
     """Find and decode the Multiboot header, or raise ``BadKernel``."""
-    image = bytes(image)
+    image = memoryview(image)  # a view: a mapped file is not read beyond its first 8 KiB
     offset, bad_checksum = _scan_for_header(image)
     if offset is None:
         if bad_checksum is not None:
@@ -183,7 +183,7 @@ def is_multiboot(image: bytes) -> bool:
     QEMU checks for a Linux boot header first, so a bzImage that happens to
     carry a Multiboot header too is still Linux.
     """
-    image = bytes(image)
+    image = memoryview(image)
     return not _is_linux(image) and _scan_for_header(image)[0] is not None
 
 
@@ -193,9 +193,10 @@ class _KernelImage(Record):
     """Where a kernel goes and what to copy there, not yet copied anywhere.
 
     ``size`` is the whole memory image, BSS included; ``pieces`` are file
-    bytes at offsets from ``load_addr``, and everything else in the image is
-    zero.  Keeping the pieces apart means a huge sparse image costs nothing
-    until it has been checked against RAM.
+    bytes (views of the image, not copies) at offsets from ``load_addr``, and
+    everything else in the image is zero.  Keeping the pieces apart means a
+    huge sparse image costs nothing until it has been checked against RAM,
+    and a huge BSS costs nothing at all (see :meth:`GuestMemory.fill`).
     """
 
     load_addr: int
@@ -408,7 +409,7 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     ``ram_size`` defaults to all of ``memory``.  Any problem with the image
     raises ``BadKernel`` before guest memory is touched.
     """
-    image = bytes(image)
+    image = memoryview(image)  # views from here on: the file is copied once, into guest RAM
     if ram_size is None:
         ram_size = memory.size
     if ram_size > memory.size:
@@ -450,22 +451,28 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
         raise BadKernel(f"{what} [{load_addr:#x}, {load_end:#x}) runs past 4 GiB")
     _check_placement(what, load_addr, load_end, regions)
 
-    buffer = bytearray(buffer_size)
-    for offset, data in kernel.pieces:
-        buffer[offset:offset + len(data)] = data
+    # The buffer is written as QEMU builds it, but never built whole: it is
+    # zeroed in guest RAM (free for fresh pages), then the file pieces are
+    # copied straight from the image, and the small part QEMU fills in
+    # itself -- module list, command lines, loader name -- is one short write.
+    meta = bytearray(name_offset + len(name_bytes) - info_offset)
     loaded_modules = []
     cursor = cmdlines_offset
     for index, ((data, line), raw, offset) in enumerate(zip(modules, module_lines, module_offsets)):
-        buffer[cursor:cursor + len(raw)] = raw
-        buffer[offset:offset + len(data)] = data
+        meta[cursor - info_offset:cursor - info_offset + len(raw)] = raw
         module = Module(load_addr + offset, load_addr + offset + len(data), load_addr + cursor, line)
-        struct.pack_into("<IIII", buffer, info_offset + MODULE_ENTRY_SIZE * index,
+        struct.pack_into("<IIII", meta, MODULE_ENTRY_SIZE * index,
                          module.start, module.end, module.cmdline_addr, 0)
         loaded_modules.append(module)
         cursor += len(raw)
     cmdline_addr = load_addr + cursor
-    buffer[cursor:cursor + len(kernel_line_bytes)] = kernel_line_bytes
-    buffer[name_offset:name_offset + len(name_bytes)] = name_bytes
+    meta[cursor - info_offset:cursor - info_offset + len(kernel_line_bytes)] = kernel_line_bytes
+    meta[name_offset - info_offset:] = name_bytes
+    buffer_writes = [(load_addr, Zeros(buffer_size))]
+    buffer_writes += [(load_addr + offset, data) for offset, data in kernel.pieces if len(data)]
+    buffer_writes.append((load_addr + info_offset, bytes(meta)))
+    buffer_writes += [(load_addr + offset, memoryview(data)) for (data, _), offset in zip(modules, module_offsets)
+                      if len(data)]
 
     mmap = _mmap_bytes(regions)
     info = bytearray(INFO_SIZE)
@@ -483,7 +490,7 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     state, mode_writes = protected_mode_state(kernel.entry)
     # Multiboot's promise: the magic in EAX, the information in EBX.
     state = state.with_regs(rax=BOOTLOADER_MAGIC, rbx=INFO_ADDR)
-    writes = (*mode_writes, (MMAP_ADDR, mmap), (INFO_ADDR, bytes(info)), (load_addr, bytes(buffer)))
+    writes = (*mode_writes, (MMAP_ADDR, mmap), (INFO_ADDR, bytes(info)), *buffer_writes)
     try:
         apply_writes(memory, writes)
     except GuestMemoryError as e:  # cannot happen after the checks above; say where if it does

@@ -51,8 +51,23 @@ class GuestMemory:
         return memoryview(self._map)[gpa:gpa + length]
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        """Set ``length`` bytes from ``gpa`` to ``byte`` (zeroing a BSS, say)."""
+        """Set ``length`` bytes from ``gpa`` to ``byte`` (zeroing a BSS, say).
+
+        Zeroing whole pages is ``madvise(MADV_DONTNEED)``: for a private
+        anonymous mapping the kernel drops the pages, and the next touch
+        finds a fresh zero page -- so a 2 GiB BSS costs no host memory and no
+        time, and only the partial pages at either end are written.  (KVM
+        sees the change through its MMU notifier, as it does for any unmap.)
+        """
         self._check(gpa, length)
+        if byte == 0 and length >= 4 * mmap.PAGESIZE:
+            page = mmap.PAGESIZE
+            start = -(-gpa // page) * page
+            end = (gpa + length) // page * page
+            self._map[gpa:start] = bytes(start - gpa)
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._map[end:gpa + length] = bytes(gpa + length - end)
+            return
         self._map[gpa:gpa + length] = bytes([byte]) * length
 
     def read_u32(self, gpa: int) -> int:
