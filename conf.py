@@ -63,7 +63,37 @@ myst_enable_extensions = ["colon_fence", "deflist", "fieldlist", "dollarmath", "
 myst_heading_anchors = 3
 
 nb_execution_mode = "cache"
-nb_execution_cache_path = str(ROOT / "_build" / ".jupyter_cache")
+
+
+def _package_digest() -> str:
+    """A hash of everything under qkio/ that a chapter's run depends on.
+
+    jupyter-cache keys a notebook by its code cells only, so a change to qkio
+    alone would leave every chapter's cached outputs in place, stale.  Each
+    state of the package therefore gets a cache of its own: a changed
+    package re-runs every chapter once, then the cache serves as before.
+    """
+    import hashlib
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "qkio").rglob("*")):
+        if path.is_file() and path.suffix in {".py", ".c", ".s", ".inc", ".ld"}:
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _cache_for_this_package() -> str:
+    caches = ROOT / "_build" / ".jupyter_cache"
+    current = caches / _package_digest()
+    if caches.is_dir():  # the caches of earlier states of the package are of no more use
+        import re
+        import shutil
+        for old in caches.iterdir():
+            if old != current and (re.fullmatch(r"[0-9a-f]{16}", old.name) or old.name in ("global.db", "executed")):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    return str(current)
+
+
+nb_execution_cache_path = _cache_for_this_package()
 nb_execution_timeout = 300          # per cell; guests run at ~1M instructions/s on this host (chapter 11 measures it)
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True         # ...and says why (timeouts included)

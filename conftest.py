@@ -51,8 +51,9 @@ tests/``, with no plugin to register by hand.
 
 from __future__ import annotations
 
+import os
 import sys
-from collections import defaultdict
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ try:  # nbval and jupytext are in the "test" extra; without them only unit tests
     import jupytext
     import nbformat
     from jupytext.combine import combine_inputs_with_outputs
-    from nbval.plugin import IPyNbCell, IPyNbFile, find_comment_markers, find_metadata_tags
+    from nbval.plugin import IPyNbFile
 except ImportError:  # pragma: no cover
     IPyNbFile = None
 
@@ -147,24 +148,35 @@ if IPyNbFile is not None:
                 nb = combine_inputs_with_outputs(nb, nbformat.read(golden, as_version=4), fmt="md:myst")
             return nb
 
+        # nbval's own collect() makes the cell items (markers, tags, options:
+        # nothing of it is copied here); it reads the notebook from the file
+        # its node points at, as .ipynb.  So while it collects, the node points
+        # at the chapter's combined notebook (the .md's inputs, the golden's
+        # outputs), written beside the chapter -- the same directory, because
+        # nbval starts the kernel in the notebook's directory -- and removed
+        # right after.  Cell items keep the .md as their path and name.
+        _combined: Path | None = None
+
+        @property
+        def fspath(self):
+            legacy = super().fspath  # pytest's legacy path object for self.path
+            return type(legacy)(str(self._combined)) if self._combined is not None else legacy
+
         def collect(self):
-            # Mirrors nbval's IPyNbFile.collect (0.11), which insists on reading
-            # self.fspath as .ipynb itself.
-            self.nb = self._notebook()
             yield GoldenIsCurrent.from_parent(self, name="golden-is-current")
-            cell_num = 0
-            for cell in self.nb.cells:
-                if cell.cell_type != "code":
-                    continue
-                options = defaultdict(bool, find_metadata_tags(cell.metadata))
-                options.update(dict(find_comment_markers(cell.source)))
-                options.setdefault("check", self.compare_outputs)
-                item = IPyNbCell.from_parent(
-                    self, name=f"Cell {cell_num}", cell_num=cell_num, cell=cell, options=options)
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.stem}-", suffix=".ipynb", dir=self.path.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    nbformat.write(self._notebook(), f)
+                self._combined = Path(name)
+                items = list(super().collect())
+            finally:
+                self._combined = None
+                os.unlink(name)
+            for item in items:
                 if self.requires_kvm:
                     item.add_marker(pytest.mark.kvm)
                 yield item
-                cell_num += 1
 
 
 def pytest_configure(config):
@@ -193,6 +205,8 @@ def pytest_ignore_collect(collection_path: Path, config):
         return True
     if collection_path.name == ".ipynb_checkpoints":
         return True
+    if collection_path.suffix == ".ipynb" and collection_path.name.startswith("."):
+        return True  # a combined notebook of MystNotebook.collect (left by a crash)
     return None
 
 
