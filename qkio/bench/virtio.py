@@ -22,6 +22,10 @@ for each measure X -- which cancels everything that does not grow with N
   qkio handles for it, not a spin): the vCPU thread (``time.thread_time_ns``
   when it ends; the guest runs in that thread), the io thread (around
   ``Machine.run``), the IOThread (when it ends);
+* **the guest's own clock**: the TSC cycles it counts per write+read pair
+  (halved: per request), from its notify to seeing the used ring move, its
+  own work included -- the one latency measured the same way inside both
+  VMMs (with this host's slow guests, mostly the guest's own work);
 * **notify exits** per request, differenced the same way: QueueNotify writes
   that reached qkio as ``KVM_EXIT_MMIO`` -- 1 per request in ``vcpu`` mode,
   0 when the notify goes through ``KVM_IOEVENTFD`` -- and all MMIO exits
@@ -69,8 +73,10 @@ def _child(argv, timeout=300) -> dict:
     if proc.returncode != 33:
         raise RuntimeError(f"{os.path.basename(argv[0])} exited {proc.returncode}: "
                            f"{(out + proc.stderr.decode('latin-1')).strip()[-300:]}")
+    tsc = [int(line.split()[-1]) for line in out.splitlines()
+           if line.startswith("virtio-blk: tsc cycles per write+read ")]
     return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "wall_s": wall, "report": guest_report(out)}
+            "wall_s": wall, "report": guest_report(out), "tsc_per_pair": tsc[0] if tsc else None}
 
 
 def qkio_argv(elf, image, mode, aio, count):
@@ -122,6 +128,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
     if have_qemu:
         configs.update({f"qemu {m}": ("qemu", m, None) for m in QEMU_MODES})
     cpu = {c: [] for c in configs}
+    guest_tsc = {c: [] for c in configs}
     wall = {c: [] for c in configs}
     threads = {m: {"vCPU": [], "io thread": [], "IOThread": []} for m, a in QKIO_MODES if a == "sync"}
     exits = {m: [] for m in threads}
@@ -142,6 +149,9 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
                     res[count] = _child(argv)
                     if count == n:
                         reports.add(tuple(res[count]["report"]))
+                        if res[count]["tsc_per_pair"]:
+                            # A request as the guest sees it: notify to used ring, plus its own work.
+                            guest_tsc[name].append(res[count]["tsc_per_pair"] / 2)
                 cpu[name].append((res[n]["cpu_s"] - res[small]["cpu_s"]) / per_req * 1e6)
                 wall[name].append((res[n]["wall_s"] - res[small]["wall_s"]) / per_req * 1e6)
             for mode in threads:
@@ -162,6 +172,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
               "guest_report": list(next(iter(reports))),
               "cpu_us_per_request": {c: summarize(v) for c, v in cpu.items()},
               "wall_us_per_request": {c: summarize(v) for c, v in wall.items()},
+              "guest_tsc_cycles_per_request": {c: summarize(v, digits=0) for c, v in guest_tsc.items()},
               "rounds_cpu_us": {c: [round(x, 2) for x in v] for c, v in cpu.items()},
               "thread_cpu_us_per_request": {m: {k: summarize(v) for k, v in d.items()}
                                             for m, d in threads.items()},
@@ -185,8 +196,10 @@ def table(result: dict) -> list[tuple[str, str]]:
     rows = []
     for c, d in result["cpu_us_per_request"].items():
         w = result["wall_us_per_request"][c]
+        t = result.get("guest_tsc_cycles_per_request", {}).get(c, {})
         rows.append((f"{c}", f"CPU {d['p50']:.0f} µs/request (min {d['min']:.0f}, max {d['max']:.0f}); "
-                             f"wall {w['p50']:.0f} µs"))
+                             f"wall {w['p50']:.0f} µs"
+                             + (f"; guest TSC {t['p50'] / 1e3:.0f}k cycles/request" if t.get("n") else "")))
     for m, d in result["thread_cpu_us_per_request"].items():
         # A thread with no work per request differences to ±1 µs of noise: show 0, not -0.
         parts = ", ".join(f"{k} {v['p50'] + 0.0 if abs(v['p50']) >= 0.5 else 0.0:.0f}" for k, v in d.items())
