@@ -16,6 +16,12 @@ for each measure X -- which cancels everything that does not grow with N
 * **process CPU** (user + system, from ``wait4``'s rusage): ``qkio run`` and
   ``qemu-system-x86_64 -M microvm`` as child processes, the same way;
 * **wall time**, of the same child processes;
+* **CPU by thread**, of the same child processes, both VMMs alike: every 2 ms
+  the bench reads ``/proc/PID/task/*/schedstat`` (nanoseconds on CPU) and
+  ``comm``, and groups threads by role -- vCPU (``CPU 0/KVM``), main loop
+  (``qkio-io``, ``qemu-system-x86``), IOThread (``IO io0``), AIO workers
+  (``qkio-aio*``, QEMU's ``worker``), other; QEMU gets ``-name
+  debug-threads=on`` so that its threads carry those names;
 * **qkio's CPU by thread** (in this process, ``Machine`` API, sync I/O,
   and the guest's ``irq=1``: it sleeps in HLT until the interrupt instead of
   polling, so the vCPU thread's CPU is the guest's own work plus the exits
@@ -63,20 +69,82 @@ QKIO_MODES = (("vcpu", "sync"), ("main", "sync"), ("iothread", "sync"), ("vcpu",
 QEMU_MODES = {"vcpu": ["-global", "virtio-mmio.ioeventfd=off"], "main": [], "iothread": None}
 
 
+#: Thread name (``comm``, as ``ps -L`` shows it) -> the role it plays, in either VMM.
+#: QEMU's names need ``-name debug-threads=on``; its main thread keeps the
+#: program's name, cut to 15 characters by the kernel.
+ROLES = {"CPU 0/KVM": "vCPU", "qkio-io": "main loop", "qemu-system-x86": "main loop",
+         "IO io0": "IOThread"}
+
+
+def role(comm: str) -> str:
+    if comm in ROLES:
+        return ROLES[comm]
+    if comm.startswith("qkio-aio") and comm != "qkio-aio-sigwt" or comm == "worker":
+        return "AIO workers"   # posix-aio-compat's (qkio) or the thread pool's (QEMU)
+    return "other"
+
+
+def _sample_threads(pid: int, into: dict) -> None:
+    """Each thread's CPU so far (``/proc/PID/task/TID/schedstat``: nanoseconds on CPU),
+    by tid; a thread that has gone keeps its last sample."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        into[tid] = (comm, ns)
+
+
 def _child(argv, timeout=300) -> dict:
+    """Run a VMM to the guest's exit: process CPU (rusage), wall time, the guest's
+    report, and CPU by thread role, sampled every 2 ms while it runs (the last
+    sample is at most 2 ms before the end; the bit lost is start-up-or-shutdown-like
+    and mostly cancels in the N - small difference)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    samples: dict = {}
+    chunks: dict = {"out": [], "err": []}
+
+    def drain(stream, key):
+        for chunk in iter(lambda: stream.read(4096), b""):
+            chunks[key].append(chunk)
+    import threading
+    readers = [threading.Thread(target=drain, args=(proc.stdout, "out"), daemon=True),
+               threading.Thread(target=drain, args=(proc.stderr, "err"), daemon=True)]
+    for r in readers:
+        r.start()
+    deadline = t0 + timeout
+    while proc.poll() is None:
+        _sample_threads(proc.pid, samples)
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{os.path.basename(argv[0])} still running after {timeout} s")
+        time.sleep(0.002)
+    for r in readers:
+        r.join(5)
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = proc.stdout.decode("latin-1")
+    out = b"".join(chunks["out"]).decode("latin-1")
     if proc.returncode != 33:
         raise RuntimeError(f"{os.path.basename(argv[0])} exited {proc.returncode}: "
-                           f"{(out + proc.stderr.decode('latin-1')).strip()[-300:]}")
+                           f"{(out + b''.join(chunks['err']).decode('latin-1')).strip()[-300:]}")
     tsc = [int(line.split()[-1]) for line in out.splitlines()
            if line.startswith("virtio-blk: tsc cycles per write+read ")]
+    by_role: dict = {}
+    for comm, ns in samples.values():
+        by_role[role(comm)] = by_role.get(role(comm), 0) + ns
     return {"cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "wall_s": wall, "report": guest_report(out), "tsc_per_pair": tsc[0] if tsc else None}
+            "wall_s": wall, "report": guest_report(out), "tsc_per_pair": tsc[0] if tsc else None,
+            "thread_ns": by_role}
 
 
 def qkio_argv(elf, image, mode, aio, count):
@@ -86,7 +154,7 @@ def qkio_argv(elf, image, mode, aio, count):
 
 def qemu_argv(elf, image, mode, count):
     argv = qemu_microvm_argv(elf, image, iothread=mode == "iothread", count=count)
-    return argv + (QEMU_MODES[mode] or [])
+    return argv + (QEMU_MODES[mode] or []) + ["-name", "debug-threads=on"]
 
 
 def run_in_process(elf, image, mode, count) -> dict:
@@ -129,6 +197,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
         configs.update({f"qemu {m}": ("qemu", m, None) for m in QEMU_MODES})
     cpu = {c: [] for c in configs}
     guest_tsc = {c: [] for c in configs}
+    roles = ("vCPU", "main loop", "IOThread", "AIO workers", "other")
+    by_role = {c: {r: [] for r in roles} for c in configs}
     wall = {c: [] for c in configs}
     threads = {m: {"vCPU": [], "io thread": [], "IOThread": []} for m, a in QKIO_MODES if a == "sync"}
     exits = {m: [] for m in threads}
@@ -153,6 +223,9 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
                             # A request as the guest sees it: notify to used ring, plus its own work.
                             guest_tsc[name].append(res[count]["tsc_per_pair"] / 2)
                 cpu[name].append((res[n]["cpu_s"] - res[small]["cpu_s"]) / per_req * 1e6)
+                for r in roles:
+                    by_role[name][r].append((res[n]["thread_ns"].get(r, 0) - res[small]["thread_ns"].get(r, 0))
+                                            / per_req / 1e3)
                 wall[name].append((res[n]["wall_s"] - res[small]["wall_s"]) / per_req * 1e6)
             for mode in threads:
                 if progress:
@@ -173,6 +246,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
               "cpu_us_per_request": {c: summarize(v) for c, v in cpu.items()},
               "wall_us_per_request": {c: summarize(v) for c, v in wall.items()},
               "guest_tsc_cycles_per_request": {c: summarize(v, digits=0) for c, v in guest_tsc.items()},
+              "role_cpu_us_per_request": {c: {r: summarize(v) for r, v in d.items()}
+                                          for c, d in by_role.items()},
               "rounds_cpu_us": {c: [round(x, 2) for x in v] for c, v in cpu.items()},
               "thread_cpu_us_per_request": {m: {k: summarize(v) for k, v in d.items()}
                                             for m, d in threads.items()},
@@ -192,6 +267,11 @@ def verdict(ours: list[float], theirs: list[float]) -> dict:
     return {"ratio": round(ratio, 2) if ratio is not None else None, "ranges_apart": apart}
 
 
+def _clean(v: float) -> float:
+    """A thread with no work per request differences to ±1 µs of noise: 0, not -0."""
+    return v if abs(v) >= 0.5 else 0.0
+
+
 def table(result: dict) -> list[tuple[str, str]]:
     rows = []
     for c, d in result["cpu_us_per_request"].items():
@@ -200,14 +280,16 @@ def table(result: dict) -> list[tuple[str, str]]:
         rows.append((f"{c}", f"CPU {d['p50']:.0f} µs/request (min {d['min']:.0f}, max {d['max']:.0f}); "
                              f"wall {w['p50']:.0f} µs"
                              + (f"; guest TSC {t['p50'] / 1e3:.0f}k cycles/request" if t.get("n") else "")))
+    for c, d in result.get("role_cpu_us_per_request", {}).items():
+        rows.append((f"{c} by thread", ", ".join(
+            f"{r} {_clean(v['p50']):.0f}" for r, v in d.items() if v.get("n")) + " µs/request"))
     for m, d in result["thread_cpu_us_per_request"].items():
-        # A thread with no work per request differences to ±1 µs of noise: show 0, not -0.
-        parts = ", ".join(f"{k} {v['p50'] + 0.0 if abs(v['p50']) >= 0.5 else 0.0:.0f}" for k, v in d.items())
+        parts = ", ".join(f"{k} {_clean(v['p50']):.0f}" for k, v in d.items())
         e = result["notify_exits_per_request"][m]["p50"]
         a = result["mmio_exits_per_request"][m]["p50"]
         h = result["notify_to_interrupt_us"][m]
         lf = result["requests_without_lock"][m]
-        rows.append((f"qkio {m} by thread", f"{parts} µs/request (irq=1); notify exits/request {e:g} "
+        rows.append((f"qkio {m}, irq=1, in process", f"{parts} µs/request; notify exits/request {e:g} "
                                             f"(all MMIO {a:g}); "
                                             f"notify->interrupt p50 {h.get('p50', 0):.0f} µs; "
                                             f"{lf['without']}/{lf['of']} requests without the lock"))
