@@ -5,4 +5,5 @@ select-based ``main_loop_wait``, one thread per vCPU in ``KVM_RUN``, an event
 notifier and a signal pipe) on top of a thin layer over ``/dev/kvm``.
 """
 
+#: qkio's one version number; pyproject.toml reads it from here (setuptools' dynamic "attr").
 __version__ = "0.1.0"

@@ -40,11 +40,12 @@ from __future__ import annotations
 import threading
 import time
 from threading import get_ident
+
+from qkio import trace
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs start-up time (qkio.record); annotations are strings here
     from typing import Any
-
-from qkio import trace
 
 __all__ = ["GlobalMutex"]
 

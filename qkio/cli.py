@@ -212,6 +212,8 @@ def build_parser():
 
     parser = Parser(prog="qkio", description="A small KVM VMM, threaded like qemu-kvm 0.12.",
                     formatter_class=_formatter())
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"qkio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest", epilog=EPILOG,
                          formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable
 
 from . import trace as _trace
+from .alarm_timer import check_clock
 from .boot import modes
 from .boot.multiboot import load_multiboot, module_file, split_initrd_option
 from .bql import GlobalMutex
@@ -42,16 +43,15 @@ from .chardev import CharOutput
 from .cpu_init import apply_cpu_state, setup_cpuid, setup_fpu, setup_lint
 from .cpus import CpuThread, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
-from .devices.mmio import MmioBus, handle_mmio
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
 from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
+from .devices.mmio import MmioBus, handle_mmio
 from .errors import BadKernel, GuestFailure, MachineStateError, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
 from .kvm.exits import SystemEvent, describe_failure
 from .kvm.structs import kvm_run
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
-from .alarm_timer import check_clock
 from .main_loop import MainLoop
 from .posix_aio_compat import AIO_SIGNAL, paio_init
 from .record import Record

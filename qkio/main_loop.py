@@ -68,8 +68,8 @@ import select
 import signal
 import threading
 import time
-from threading import get_ident
 from collections.abc import Callable
+from threading import get_ident
 
 from qkio import trace
 from qkio.alarm_timer import DynticksAlarm

@@ -86,8 +86,8 @@ import threading
 from collections.abc import Callable, Iterable
 
 from qkio import trace
-from qkio.threads import start_thread
 from qkio.libc import libc as _libc
+from qkio.threads import start_thread
 
 __all__ = ["VMM_SIGNALS", "SIGNALFD_SIGINFO_SIZE", "SigInfo", "SignalSource",
            "block_vmm_signals", "blocked_signals", "signalfd", "thread_count", "threads_taking"]

@@ -27,12 +27,12 @@ import os
 import threading
 from collections.abc import Callable
 
+from qkio import trace
+from qkio.libc import libc as _libc
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs start-up time (qkio.record); annotations are strings here
     from typing import Any
-
-from qkio import trace
-from qkio.libc import libc as _libc
 
 __all__ = ["TASK_COMM_LEN", "set_thread_name", "get_thread_name", "gettid",
            "start_thread", "thread_names"]

@@ -6,10 +6,9 @@ import struct
 
 import pytest
 
+from kernels import synthetic
 from qkio.boot.elf import PT_LOAD, parse_elf
 from qkio.errors import BadKernel
-from kernels import synthetic
-
 
 
 def elf64(entry=0x1000, segments=((0x1000, b"abc", 0x10),), machine=62) -> bytes:

@@ -24,13 +24,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from kernels import synthetic
 from qkio.boot import multiboot as mb
 from qkio.boot.elf import parse_elf
 from qkio.boot.modes import GDT_BASE
 from qkio.errors import BadKernel
 from qkio.kvm.memory import GuestMemory
-from kernels import synthetic
-
 
 RAM = 4 << 20
 PATTERN = 0x5A

@@ -41,11 +41,10 @@ from pathlib import Path
 
 import pytest
 
-from qkio.boot import multiboot as mb
 from qkio import guests
+from qkio.boot import multiboot as mb
 from qkio.boot.elf import parse_elf
 from qkio.kvm.memory import GuestMemory
-
 
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_TIMEOUT = 120  # seconds; SeaBIOS plus a tiny kernel take about 3 s here

@@ -13,11 +13,11 @@ import struct
 
 import pytest
 
+from kernels import synthetic
 from qkio.boot import multiboot as mb
 from qkio.boot.modes import GDT_BASE
 from qkio.errors import BadKernel
 from qkio.kvm.memory import GuestMemory
-from kernels import synthetic
 
 MIB = 1 << 20
 

@@ -19,8 +19,8 @@ import time
 from collections import defaultdict
 
 import pytest
-from helpers.vmm import QKIO_RUN, run_qkio, test_kernel
 
+from helpers.vmm import QKIO_RUN, run_qkio, test_kernel
 
 pytestmark = pytest.mark.kvm
 
@@ -192,3 +192,12 @@ def test_qkio_run_imports_only_what_it_uses():
     unwanted = {"dataclasses", "typing", "inspect", "subprocess", "tempfile", "shutil", "hashlib",
                 "json", "socket", "sysconfig", "qkio.virtio", "qkio.bench", "qkio.build"}
     assert not loaded & unwanted, sorted(loaded & unwanted)
+
+
+def test_version_is_the_one_version_number():
+    import importlib.metadata
+
+    import qkio
+    result = subprocess.run([*QKIO_RUN[:-1], "--version"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, f"qkio {qkio.__version__}\n")
+    assert importlib.metadata.version("qkio") == qkio.__version__  # pyproject reads it from qkio

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers.vmm import Vmm, run_qkio, wait_until
 
+from helpers.vmm import Vmm, run_qkio, wait_until
 from qkio.alarm_timer import MIN_TIMER_REARM_US
 from qkio.libc import libc
 

@@ -3,7 +3,10 @@
 import pytest
 
 from qkio.devices.debug_exit import (
-    ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE, IsaDebugExit, exit_status,
+    ISA_DEBUG_EXIT_IOBASE,
+    ISA_DEBUG_EXIT_IOSIZE,
+    IsaDebugExit,
+    exit_status,
 )
 from qkio.devices.ioport import PortBus
 

@@ -5,9 +5,19 @@ import struct
 import pytest
 
 from qkio.devices.fw_cfg import (
-    FW_CFG_ARCH_LOCAL, FW_CFG_CTL_SIZE, FW_CFG_FILE_DIR, FW_CFG_ID, FW_CFG_IO_BASE,
-    FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS, FW_CFG_NOGRAPHIC, FW_CFG_RAM_SIZE,
-    FW_CFG_SIGNATURE, FW_CFG_WRITE_CHANNEL, FwCfg, FwCfgError,
+    FW_CFG_ARCH_LOCAL,
+    FW_CFG_CTL_SIZE,
+    FW_CFG_FILE_DIR,
+    FW_CFG_ID,
+    FW_CFG_IO_BASE,
+    FW_CFG_MAX_CPUS,
+    FW_CFG_NB_CPUS,
+    FW_CFG_NOGRAPHIC,
+    FW_CFG_RAM_SIZE,
+    FW_CFG_SIGNATURE,
+    FW_CFG_WRITE_CHANNEL,
+    FwCfg,
+    FwCfgError,
 )
 from qkio.devices.ioport import PortBus
 from qkio.errors import QkioError

@@ -4,8 +4,14 @@ import pytest
 
 from qkio.devices.ioport import PortBus
 from qkio.devices.serial import (
-    UART_FIFO_LENGTH, UART_IIR_CTI, UART_IIR_MSI, UART_IIR_NO_INT, UART_IIR_RDI,
-    UART_IIR_RLSI, UART_IIR_THRI, Serial,
+    UART_FIFO_LENGTH,
+    UART_IIR_CTI,
+    UART_IIR_MSI,
+    UART_IIR_NO_INT,
+    UART_IIR_RDI,
+    UART_IIR_RLSI,
+    UART_IIR_THRI,
+    Serial,
 )
 
 COM1 = 0x3F8

@@ -17,8 +17,8 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from helpers.vmm import Vmm, demo_guest, require_binutils, run_qkio
 
+from helpers.vmm import Vmm, demo_guest, require_binutils, run_qkio
 from qkio import guests
 from qkio.boot import multiboot as mb
 from qkio.boot.elf import EM_386, parse_elf

@@ -38,7 +38,6 @@ from qkio.kvm import structs as s
 from qkio.kvm.ioctl import KVM_SET_TSS_ADDR
 from qkio.kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
 
-
 RAM_SIZE = 0x10000
 CODE = 0x1000      # where the guest's first instruction goes
 COUNTER = 0x2000   # a 16-bit word some guests increment, to prove they ran

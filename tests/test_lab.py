@@ -68,7 +68,7 @@ def test_context_manager_kills_and_reaps(spin):
 def test_context_manager_kills_on_error(spin):
     with pytest.raises(ZeroDivisionError):
         with lab.spawn_vmm("--kernel", spin, "--timeout", "60") as vm:
-            1 / 0
+            raise ZeroDivisionError("an experiment failed")
     assert vm.returncode is not None
 
 
@@ -114,8 +114,8 @@ def test_trace_loads_pairs_and_plots(spin, tmp_path):
 
 
 def test_slices_pairs_nested_begin_end_per_thread():
-    ev = lambda ph, name, ts, tid, **a: {"ph": ph, "name": name, "ts": ts, "dur": 0.0,
-                                         "tid": tid, "thread": f"t{tid}", "args": a}
+    def ev(ph, name, ts, tid, **a):
+        return {"ph": ph, "name": name, "ts": ts, "dur": 0.0, "tid": tid, "thread": f"t{tid}", "args": a}
     trace = [ev("B", "outer", 0, 1), ev("B", "KVM_RUN", 1, 2), ev("B", "inner", 2, 1, x=1),
              ev("E", "", 3, 1, y=2), ev("E", "", 4, 2, exit_reason="IO"), ev("E", "", 5, 1),
              ev("B", "open", 6, 1)]

@@ -12,12 +12,11 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import demo_guest, open_fds, run_in_thread, saved_sigmask, test_kernel
 
+from helpers.vmm import demo_guest, open_fds, run_in_thread, saved_sigmask, test_kernel
 from qkio.errors import BadKernel
 from qkio.kvm.constants import ExitReason
 from qkio.machine import STATUS_GUEST_FAILED, STATUS_POWEROFF, STATUS_TIMEOUT, Machine, MachineConfig
-
 
 pytestmark = pytest.mark.kvm
 

@@ -14,8 +14,8 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import ROOT, demo_guest, run_in_thread
 
+from helpers.vmm import ROOT, demo_guest, run_in_thread
 from qkio.errors import MachineStateError
 from qkio.machine import STATUS_POWEROFF, Machine
 
@@ -179,11 +179,11 @@ def test_machine_in_a_non_main_thread_with_no_signals_runs_and_stops():
     """Built and run in a thread of a fresh interpreter, where no SIG_IPI handler
     can be installed: the vCPUs keep SIG_IPI blocked outside KVM_RUN, and stop()
     still kicks them out of a spinning guest."""
-    code = f"""
+    code = """
 import threading, sys
 from qkio.guests import build_guest
 from qkio.machine import Machine
-out = {{}}
+out = {}
 def body():
     m = Machine(memory_mib=4, console=lambda d: None)
     m.load_multiboot(build_guest("spin"))

@@ -22,10 +22,9 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import demo_guest
 
+from helpers.vmm import demo_guest
 from qkio import native
-from qkio.errors import QkioError
 from qkio.kvm.constants import ExitReason
 from qkio.machine import STATUS_GUEST_FAILED, Machine
 

@@ -6,7 +6,6 @@ process-directed and must not reach pytest.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -27,6 +27,7 @@ import threading
 import time
 
 import pytest
+
 from helpers.vmm import QKIO_RUN, ROOT, demo_guest
 
 pytestmark = pytest.mark.kvm

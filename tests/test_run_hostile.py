@@ -20,6 +20,7 @@ import termios
 import time
 
 import pytest
+
 from helpers.vmm import QKIO_RUN, ROOT, run_qkio, test_kernel, wait_until
 
 F_SETPIPE_SZ = 1031

@@ -16,6 +16,7 @@ import re
 import signal
 
 import pytest
+
 from helpers.vmm import Vmm, wait_until
 
 SENT = 10_000
@@ -30,7 +31,7 @@ def _report(vmm) -> dict[str, int]:
     seen = vmm.stderr().count("signals taken through")
     os.kill(vmm.pid, signal.SIGHUP)
     wait_until(lambda: vmm.stderr().count("signals taken through") > seen, 10, "a SIGHUP report")
-    line = [l for l in vmm.stderr().splitlines() if l.startswith("signals taken through")][-1]
+    line = [s for s in vmm.stderr().splitlines() if s.startswith("signals taken through")][-1]
     return {name: int(n) for name, n in re.findall(r"(\S+)=(\d+)", line)}
 
 

@@ -19,13 +19,12 @@ import threading
 import time
 
 import pytest
-from helpers.vmm import Vmm, demo_guest, run_in_thread, task_cpu_ticks, test_kernel, wait_until
 
+from helpers.vmm import Vmm, demo_guest, run_in_thread, task_cpu_ticks, test_kernel, wait_until
 from qkio import trace
 from qkio.cpus import KICK_STYLES
 from qkio.kvm.constants import ExitReason
 from qkio.machine import STATUS_TIMEOUT, Machine
-
 
 pytestmark = pytest.mark.kvm
 

@@ -13,13 +13,19 @@ import struct
 
 import pytest
 
+from qkio.errors import QkioError
 from qkio.kvm.memory import GuestMemory
 from qkio.virtio import mmio as R
-from qkio.virtio.blk import (VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, DriveError,
-                             VirtIOBlock, parse_drive_option)
-from qkio.virtio.board import (NOTIFY_MODES, parse_notify_mode, transport_slots)
+from qkio.virtio.blk import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    DriveError,
+    VirtIOBlock,
+    parse_drive_option,
+)
+from qkio.virtio.board import NOTIFY_MODES, parse_notify_mode, transport_slots
 from qkio.virtio.mmio import VirtioMMIO, config_u64
-from qkio.errors import QkioError
 
 MEM = 64 * 1024
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000

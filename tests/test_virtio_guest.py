@@ -5,8 +5,8 @@ the thread that took each notify is the one the mode promises."""
 from __future__ import annotations
 
 import pytest
-from helpers.vmm import demo_guest, run_qkio
 
+from helpers.vmm import demo_guest, run_qkio
 from qkio.bench.virtio_run import fresh_image, guest_report, run_qemu
 from qkio.kvm.constants import ExitReason
 from qkio.machine import Machine
@@ -101,8 +101,9 @@ def test_no_drive_no_device(tmp_path):
 
 @pytest.mark.parametrize("iothread", [False, True], ids=["main-loop", "iothread"])
 def test_same_guest_on_qemu_microvm(tmp_path, iothread):
-    from qkio.bench.virtio_run import QEMU
     import os
+
+    from qkio.bench.virtio_run import QEMU
     if not os.path.exists(QEMU):
         pytest.skip("qemu-system-x86_64 is not installed")
     qemu_img = fresh_image(tmp_path / "q.img")
@@ -169,7 +170,6 @@ def test_every_fd_and_thread_is_released(tmp_path, mode):
 
 def test_a_bad_drive_leaves_nothing_behind(tmp_path):
     from helpers.vmm import open_fds
-
     from qkio.virtio.blk import DriveError
     fds = open_fds()
     with pytest.raises(DriveError):

@@ -7,13 +7,12 @@ Slow-ish (a wheel build and a venv: ~20-30 s here), so it is one test.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
+
 from helpers.vmm import ROOT, demo_guest
 
 pytestmark = pytest.mark.kvm

@@ -40,8 +40,8 @@ same selectors QEMU's Multiboot option ROM uses -- and 0x18 is 64-bit code.
 from __future__ import annotations
 
 import struct
-from types import MappingProxyType
 from collections.abc import Mapping
+from types import MappingProxyType
 
 from ..record import Record
 

@@ -37,6 +37,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from qkio.errors import QkioError
+
 # typing only for the type checker: importing it costs `qkio run` start-up
 # time (see qkio.record).  At run time PortDevice is a plain class that
 # documents the interface; no device inherits from it.
@@ -45,8 +47,6 @@ if TYPE_CHECKING:
     from typing import Protocol
 else:
     Protocol = object
-
-from qkio.errors import QkioError
 
 #: Number of x86 I/O ports.
 PORT_COUNT = 0x10000

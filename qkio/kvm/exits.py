@@ -28,14 +28,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import struct
+
 from ..errors import KvmError
 from ..record import Record
+from .constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
+from .structs import kvm_run, kvm_run_exit, kvm_run_io
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from ..devices.ioport import PortBus
-from .constants import KVM_INTERNAL_ERROR_EMULATION, ExitReason
-from .structs import kvm_run, kvm_run_exit, kvm_run_io
 
 #: ``KVM_RUN`` failing with EAGAIN is not an error.  An application processor
 #: starts in the "wait for SIPI" state (KVM_MP_STATE_UNINITIALIZED); its

@@ -27,8 +27,8 @@ from __future__ import annotations
 import ctypes
 
 from ..errors import KvmError
-from . import structs as s
 from ..libc import libc as _libc
+from . import structs as s
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0

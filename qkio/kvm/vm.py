@@ -7,8 +7,13 @@ import os
 
 from . import ioctl as io
 from . import structs as s
-from .constants import (KVM_IOEVENTFD_FLAG_DATAMATCH, KVM_IOEVENTFD_FLAG_DEASSIGN,
-                        KVM_IOEVENTFD_FLAG_PIO, KVM_IRQFD_FLAG_DEASSIGN, KVM_PIT_SPEAKER_DUMMY)
+from .constants import (
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IRQFD_FLAG_DEASSIGN,
+    KVM_PIT_SPEAKER_DUMMY,
+)
 
 # Where qkio (like kvmtool and QEMU) puts the pages Intel VMX needs for
 # real-mode emulation: three pages for the TSS and one for the identity map,

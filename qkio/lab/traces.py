@@ -105,8 +105,8 @@ def plot_timeline(trace: list[dict[str, Any]] | str | os.PathLike, ax=None,
     ``window=(start_ms, end_ms)`` zooms in.
     """
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     if not isinstance(trace, list):
         trace = load_trace(trace)

@@ -63,8 +63,7 @@ def main():
     # qkio run's order: block first, while this is the only thread.
     sigmod.block_vmm_signals(sigmod.VMM_SIGNALS + (signal.SIGBUS,))
     from qkio.main_loop import MainLoop
-    from qkio.posix_aio_compat import (QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE,
-                                        paio_init)
+    from qkio.posix_aio_compat import QEMU_AIO_FLUSH, QEMU_AIO_READ, QEMU_AIO_WRITE, paio_init
     out = {}
     loop = MainLoop()
     # kvm_main_loop's own signal fd (SIGIO, SIGALRM, SIGBUS), so that compat

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import pytest
 
-
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 QKIO_RUN = (sys.executable, "-m", "qkio", "run")
