@@ -28,6 +28,8 @@ got there, so the models need no locking of their own.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import signal as _signal
 import sys
@@ -69,6 +71,36 @@ STATUS_GUEST_FAILED = 2     # triple fault, emulation failure, failed VM entry
 STATUS_TIMEOUT = 124        # --timeout expired (the status timeout(1) uses)
 
 
+class MappedFile(mmap.mmap):
+    """A read-only mapping of a file that knows where its data is (``data_extents``,
+    None for "everywhere"): the loader copies those ranges and nothing else."""
+
+    data_extents: list[tuple[int, int]] | None = None
+
+
+def _data_extents(fd: int, size: int, limit: int = 4096) -> list[tuple[int, int]] | None:
+    """The ``[start, end)`` ranges of ``fd`` that hold data (SEEK_DATA/SEEK_HOLE), or
+    None (read it all) when the file system cannot say or the file is too fragmented."""
+    extents: list[tuple[int, int]] = []
+    pos = 0
+    try:
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole from pos to the end
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, min(end, size)))
+            if len(extents) > limit:
+                return None
+            pos = end
+    except OSError:
+        return None
+    return extents
+
+
 def map_file(path: str, what: str):
     """The contents of the regular file ``path``, mapped, not read.
 
@@ -79,7 +111,6 @@ def map_file(path: str, what: str):
     mapped read-only and private: pages cost nothing until the loader copies
     them, and only the bytes it copies are ever read.
     """
-    import mmap
     import stat
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -92,7 +123,9 @@ def map_file(path: str, what: str):
             raise BadKernel(f"cannot read {what} {path}: {kind}")
         if st.st_size == 0:
             return b""
-        return mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        mapped = MappedFile(fd, st.st_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        mapped.data_extents = _data_extents(fd, st.st_size)
+        return mapped
     except OSError as e:
         raise BadKernel(f"cannot read {what} {path}: {e.strerror}") from None
     finally:

@@ -232,3 +232,24 @@ def test_a_2_gib_bss_costs_no_host_memory(tmp_path):
         assert machine.memory.read(0x101000 + 4096 * 100, 5) == bytes(5)
         assert machine.memory.read(0x101000, 4) == b"DATA"
     assert grown < 64, f"loading a 2 GiB BSS grew the RSS by {grown} MiB"
+
+
+def test_a_2_gb_sparse_initrd_costs_what_its_data_costs(tmp_path):
+    """A 2 GB module that is one hole but for a few bytes: mapped, and only its data
+    extents (SEEK_DATA) copied; the rest of its range is zero at no cost."""
+    from helpers.vmm import demo_guest as guest
+    module = tmp_path / "sparse.img"
+    with open(module, "wb") as f:
+        f.truncate(2_000_000_000)
+        f.seek(1_000_000_000)
+        f.write(b"middle")
+    with _machine(memory_mib=3072) as machine:
+        before, start = _rss_mib(), time.monotonic()
+        boot = machine.load_multiboot(guest("hello"), initrd=str(module))
+        took, grown = time.monotonic() - start, _rss_mib() - before
+        mod = boot.modules[0]
+        assert mod.end - mod.start == 2_000_000_000
+        assert machine.memory.read(mod.start + 1_000_000_000, 6) == b"middle"
+        assert machine.memory.read(mod.start + 1_500_000_000, 6) == bytes(6)
+    assert grown < 64, f"loading a sparse 2 GB module grew the RSS by {grown} MiB"
+    assert took < 10, took

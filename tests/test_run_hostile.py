@@ -302,3 +302,14 @@ def test_ctrl_c_and_ctrl_backslash_restore_the_terminal(signo, tmp_path):
         os.close(slave)
     assert status == 0 and f"terminating on signal {int(signo)}" in err, err
     assert after == before
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/r.json", "/dev/full", "directory"])
+def test_bench_json_destination_is_checked_before_benchmarking(where, tmp_path):
+    path = str(tmp_path) if where == "directory" else where
+    start = time.monotonic()
+    result = subprocess.run([*QKIO_RUN[:-1], "bench", "pio", "--json", path], capture_output=True,
+                            timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    err = _one_line_no_traceback(result.stderr)
+    assert result.returncode == 1 and err.startswith("qkio: error:") and "--json" in err, err
+    assert time.monotonic() - start < 30  # refused, not benchmarked first

@@ -202,7 +202,7 @@ class _KernelImage(Record):
     load_addr: int
     size: int
     entry: int
-    pieces: tuple[tuple[int, bytes], ...]
+    pieces: tuple[tuple[int, int, int], ...]  # (offset from load_addr, file offset, length)
 
 
 def _kernel_from_header(image: bytes, header: MultibootHeader) -> _KernelImage:
@@ -236,7 +236,7 @@ def _kernel_from_header(image: bytes, header: MultibootHeader) -> _KernelImage:
     if text_offset + load_size > len(image):
         raise BadKernel(f"truncated kernel: the header asks for {load_size:#x} bytes from file offset "
                         f"{text_offset:#x}, but the file is {len(image):#x} bytes")
-    return _KernelImage(h.load_addr, kernel_size, h.entry_addr, ((0, image[text_offset:text_offset + load_size]),))
+    return _KernelImage(h.load_addr, kernel_size, h.entry_addr, ((0, text_offset, load_size),))
 
 
 def _kernel_from_elf(image: bytes) -> _KernelImage:
@@ -266,7 +266,7 @@ def _kernel_from_elf(image: bytes) -> _KernelImage:
     # Like QEMU, the kernel is the one range [low, high): gaps between
     # segments and each segment's BSS are zeros.
     return _KernelImage(low, high - low, parsed.entry,
-                        tuple((ph.paddr - low, ph.data(image)) for ph in segments))
+                        tuple((ph.paddr - low, ph.offset, ph.filesz) for ph in segments))
 
 
 # --- The memory map ------------------------------------------------------------
@@ -409,7 +409,7 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     ``ram_size`` defaults to all of ``memory``.  Any problem with the image
     raises ``BadKernel`` before guest memory is touched.
     """
-    image = memoryview(image)  # views from here on: the file is copied once, into guest RAM
+    source, image = image, memoryview(image)  # views from here on: the file is copied once, into guest RAM
     if ram_size is None:
         ram_size = memory.size
     if ram_size > memory.size:
@@ -469,10 +469,11 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     meta[cursor - info_offset:cursor - info_offset + len(kernel_line_bytes)] = kernel_line_bytes
     meta[name_offset - info_offset:] = name_bytes
     buffer_writes = [(load_addr, Zeros(buffer_size))]
-    buffer_writes += [(load_addr + offset, data) for offset, data in kernel.pieces if len(data)]
+    for offset, file_offset, length in kernel.pieces:
+        buffer_writes += _file_writes(source, image, load_addr + offset, file_offset, length)
     buffer_writes.append((load_addr + info_offset, bytes(meta)))
-    buffer_writes += [(load_addr + offset, memoryview(data)) for (data, _), offset in zip(modules, module_offsets)
-                      if len(data)]
+    for (data, _), offset in zip(modules, module_offsets):
+        buffer_writes += _file_writes(data, memoryview(data), load_addr + offset, 0, len(data))
 
     mmap = _mmap_bytes(regions)
     info = bytearray(INFO_SIZE)
@@ -501,6 +502,25 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
         cmdline=kernel_line, cmdline_addr=cmdline_addr, modules=tuple(loaded_modules),
         memory_map=tuple(regions), cpu_state=state, writes=writes,
     )
+
+
+def _file_writes(source, view, gpa: int, file_offset: int, length: int) -> list[tuple[int, bytes]]:
+    """``(gpa, bytes)`` writes copying ``length`` file bytes from ``file_offset`` to ``gpa``.
+
+    A source that knows its ``data_extents`` (a mapped sparse file, see
+    :func:`qkio.machine.map_file`) gives only the ranges that hold data: a
+    hole reads as zeros, and the range is zeroed already, so a 2 GB sparse
+    initrd costs what its data costs, not 2 GB."""
+    end = file_offset + length
+    extents = getattr(source, "data_extents", None)
+    if extents is None:
+        return [(gpa, view[file_offset:end])] if length else []
+    out = []
+    for start, stop in extents:
+        lo, hi = max(start, file_offset), min(stop, end)
+        if lo < hi:
+            out.append((gpa + lo - file_offset, view[lo:hi]))
+    return out
 
 
 def _check_placement(what: str, start: int, end: int, regions: Sequence[MemoryRegion]) -> None:
