@@ -203,17 +203,22 @@ class Machine:
     ---------
     A machine runs once.  :attr:`state` is one of
 
-    ``"created"``  built; load a guest (``load_multiboot``, ``load_flat``),
-                   ``attach_stdin``; then ``run()`` (or ``start()``).
-    ``"started"``  ``start()`` has started the vCPU threads with no io thread
-                   (tests drive them directly): ``pause``/``resume``, ``run()``.
-    ``"running"``  inside ``run()``, whose caller is the io thread.  From other
-                   threads: ``pause``/``resume``, ``request_exit``, ``stop()``
-                   (ends the run, status 0, and waits for ``run()`` to return),
-                   ``close()`` (the same, then releases everything).
-    ``"stopped"``  the run is over (or ``stop()`` came first): read
-                   :attr:`exit_status`; ``stop()`` again does nothing.
-    ``"closed"``   every fd and thread released; ``close()`` again does nothing.
+    ``"created"``
+        built; load a guest (``load_multiboot``, ``load_flat``),
+        ``attach_stdin``; then ``run()`` (or ``start()``).
+    ``"started"``
+        ``start()`` has started the vCPU threads with no io thread
+        (tests drive them directly): ``pause``/``resume``, ``run()``.
+    ``"running"``
+        inside ``run()``, whose caller is the io thread.  From other
+        threads: ``pause``/``resume``, ``request_exit``, ``stop()``
+        (ends the run, status 0, and waits for ``run()`` to return),
+        ``close()`` (the same, then releases everything).
+    ``"stopped"``
+        the run is over (or ``stop()`` came first): read
+        :attr:`exit_status`; ``stop()`` again does nothing.
+    ``"closed"``
+        every fd and thread released; ``close()`` again does nothing.
 
     Any other call raises :class:`~qkio.errors.MachineStateError`, as do
     ``pause``/``resume``/``close`` from a thread that holds the global lock
