@@ -268,7 +268,9 @@ def test_timers_every_firing_never_early_and_a_verdict_per_path():
 @pytest.mark.kvm
 @needs_tools
 def test_virtio_reports_every_mode_and_the_laws():
-    r = bench.benchmark("virtio").run(n=8, small=4, rounds=1)
+    said = []
+    r = bench.benchmark("virtio").run(n=8, small=4, rounds=2, progress=said.append)
+    assert said[0] == "round 1/2: qkio vcpu" and said[-1].startswith("round 2/2: ")
     modes = ("vcpu", "main", "iothread")
     assert {f"qkio {m}" for m in modes} | {"qkio vcpu paio", "qkio main paio"} <= set(r["cpu_us_per_request"])
     if r["qemu"]:

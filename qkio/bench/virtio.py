@@ -192,20 +192,22 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
     elf = build_guest("virtio-blk")
     have_qemu = os.path.exists(QEMU)
     per_req = 2 * (n - small)
-    configs = {f"qkio {m}" + (" paio" if a == "paio" else ""): ("qkio", m, a) for m, a in QKIO_MODES}
+    configs: dict[str, tuple[str, str, str | None]] = {
+        f"qkio {m}" + (" paio" if a == "paio" else ""): ("qkio", m, a) for m, a in QKIO_MODES}
     if have_qemu:
         configs.update({f"qemu {m}": ("qemu", m, None) for m in QEMU_MODES})
-    cpu = {c: [] for c in configs}
-    guest_tsc = {c: [] for c in configs}
+    cpu: dict[str, list[float]] = {c: [] for c in configs}
+    guest_tsc: dict[str, list[float]] = {c: [] for c in configs}
     roles = ("vCPU", "main loop", "IOThread", "AIO workers", "other")
-    by_role = {c: {r: [] for r in roles} for c in configs}
-    wall = {c: [] for c in configs}
-    threads = {m: {"vCPU": [], "io thread": [], "IOThread": []} for m, a in QKIO_MODES if a == "sync"}
-    exits = {m: [] for m in threads}
-    notify_exits = {m: [] for m in threads}
-    handling = {m: [] for m in threads}
+    by_role: dict[str, dict[str, list[float]]] = {c: {r: [] for r in roles} for c in configs}
+    wall: dict[str, list[float]] = {c: [] for c in configs}
+    threads: dict[str, dict[str, list[float]]] = {
+        m: {"vCPU": [], "io thread": [], "IOThread": []} for m, a in QKIO_MODES if a == "sync"}
+    exits: dict[str, list[float]] = {m: [] for m in threads}
+    notify_exits: dict[str, list[float]] = {m: [] for m in threads}
+    handling: dict[str, list[float]] = {m: [] for m in threads}
     lock_free = {m: [0, 0] for m in threads}
-    reports = set()
+    reports: set[tuple[str, ...]] = set()
     with tempfile.TemporaryDirectory(prefix="qkio-bench-virtio-") as tmp:
         for r in range(rounds):
             for name, (vmm, mode, aio) in configs.items():
@@ -214,7 +216,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
                 res = {}
                 for count in (small, n):
                     image = fresh_image(os.path.join(tmp, "disk.img"), sectors=128)
-                    argv = (qkio_argv(elf, image, mode, aio, count) if vmm == "qkio"
+                    argv = (qkio_argv(elf, image, mode, aio or "sync", count) if vmm == "qkio"
                             else qemu_argv(elf, image, mode, count))
                     res[count] = _child(argv)
                     if count == n:
@@ -223,9 +225,9 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
                             # A request as the guest sees it: notify to used ring, plus its own work.
                             guest_tsc[name].append(res[count]["tsc_per_pair"] / 2)
                 cpu[name].append((res[n]["cpu_s"] - res[small]["cpu_s"]) / per_req * 1e6)
-                for r in roles:
-                    by_role[name][r].append((res[n]["thread_ns"].get(r, 0) - res[small]["thread_ns"].get(r, 0))
-                                            / per_req / 1e3)
+                for role_name in roles:
+                    ns = res[n]["thread_ns"].get(role_name, 0) - res[small]["thread_ns"].get(role_name, 0)
+                    by_role[name][role_name].append(ns / per_req / 1e3)
                 wall[name].append((res[n]["wall_s"] - res[small]["wall_s"]) / per_req * 1e6)
             for mode in threads:
                 if progress:

@@ -39,6 +39,10 @@ import time
 from ..errors import QkioError
 from .virtqueue import Chain, VirtqueueError
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..kvm.memory import GuestMemory
+
 VIRTIO_ID_BLOCK = 2
 SECTOR_SIZE = 512
 VIRTIO_BLK_ID_BYTES = 20
@@ -210,7 +214,8 @@ class VirtIOBlock:
         self.readonly = readonly
         self.serial = serial
         self.capacity = self.size // SECTOR_SIZE   # sectors; a partial last sector is not used
-        self.memory = None                         # set when plugged into a transport
+        # Set when plugged into a transport (qkio.virtio.board); no request comes before.
+        self.memory: GuestMemory = None  # type: ignore[assignment]
         self.features = ((1 << VIRTIO_BLK_F_SEG_MAX) | (1 << VIRTIO_BLK_F_BLK_SIZE)
                          | (1 << VIRTIO_BLK_F_FLUSH) | ((1 << VIRTIO_BLK_F_RO) if readonly else 0))
 
