@@ -102,7 +102,7 @@ class BlkRunner:
         self.eventfd_notifies = 0
         self.batches_ns: list[int] = []   # notify taken -> interrupt raised, per batch
         self.completions_by_thread: collections.Counter = collections.Counter()  # paio only
-        self.submitted_ns: dict[int, int] = {}
+        self.generation = 0   # bumped at every device reset; stale completions are dropped
 
     # -- the notify, from whichever thread the mode gives it to ------------------------
 
@@ -149,13 +149,13 @@ class BlkRunner:
                 return False
             kind = QEMU_AIO_READ if request.type == VIRTIO_BLK_T_IN else QEMU_AIO_WRITE
         self.board.paio.paio_submit(self.device.fd, request.sector * SECTOR_SIZE, views, kind,
-                                    self._aio_done, (request, views, time.monotonic_ns()))
+                                    self._aio_done, (request, views, time.monotonic_ns(), self.generation))
         return True
 
     def _aio_done(self, opaque, ret: int) -> None:
         """The pool's completion callback: io thread, global lock held (posix_aio_process_queue)."""
         from .blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN
-        request, views, t0 = opaque
+        request, views, t0, generation = opaque
         for v in views:
             v.release()
         if ret < 0:
@@ -164,8 +164,10 @@ class BlkRunner:
             request.written = request.length()
         me = threading.current_thread().name
         locked = self.board.lock.held_by_me()
-        if self.transport.broken or not self.queue.ready:
-            return  # reset while in flight: the chain is gone with the queue
+        if generation != self.generation or self.transport.broken or not self.queue.ready:
+            # The device was reset while this was in flight: the chain belongs to a
+            # queue that no longer exists (a new one may sit at the same address).
+            return
         self.device.complete(request, self.queue)
         self.completions_by_thread[me] += 1
         self.transport.raise_used()
@@ -205,6 +207,11 @@ class BlkRunner:
             board.loop.set_fd_handler(fd, self._eventfd_readable, None, fd)
         else:
             board.iothread.set_fd_handler(fd, self._eventfd_readable)
+
+    def reset(self) -> None:
+        """The driver wrote 0 to Status: stop taking notifies, forget requests in flight."""
+        self.generation += 1
+        self.stop_ioeventfd()
 
     def stop_ioeventfd(self) -> None:
         fd, self.ioeventfd = self.ioeventfd, None
@@ -285,7 +292,7 @@ class VirtioBoard:
         vm = self.vm
         transport.on_notify = lambda index: runner.handle_output("mmio exit")
         transport.on_driver_ok = runner.start_ioeventfd
-        transport.on_reset = runner.stop_ioeventfd
+        transport.on_reset = runner.reset
         level = {"v": 0}
 
         def set_irq_line(value: int, gsi=transport.irq) -> None:
