@@ -11,8 +11,9 @@ run took, measured the way that implementation allows:
 * QEMU: wall time of the whole ``qemu-system-x86_64`` process, loading
   included.  The machine is ``microvm`` (``-M microvm,acpi=off``): QEMU's
   smallest, which loads a Multiboot kernel itself -- no SeaBIOS, no PCI,
-  about 40 ms from exec to the guest's first instruction here instead of
-  the ~3 s of ``-M pc``, whose start-up jitter blurred per-exit figures.
+  tens of milliseconds from exec to the guest's first instruction instead
+  of the seconds of ``-M pc``, whose start-up jitter blurred per-exit
+  figures (``qkio bench startup`` times it).
   ``-cpu host``, as qkio gives the guest the host's CPUID.  With
   ``-serial null`` its UART sits at 0x3f8 as qkio's does.
 
