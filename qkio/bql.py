@@ -109,7 +109,7 @@ class GlobalMutex:
         holder = self.owner
         if holder == get_ident():
             raise RuntimeError(f"{self.name} is not recursive and this thread holds it")
-        holder_thread = threading._active.get(holder) if holder is not None else None
+        holder_thread = next((t for t in threading.enumerate() if t.ident == holder), None)
         t0 = time.monotonic_ns()
         self._acquire()
         self.tracer.complete("lock waited for", t0, lock=self.name,

@@ -92,7 +92,7 @@ def input_hash(inputs: Iterable[Path], key: Iterable[str | bytes] = ()) -> str:
 def remove_stale_scratch(cache: Path, now: float | None = None) -> list[Path]:
     """Remove scratch directories of builds that died (older than :data:`STALE_AFTER_S`)."""
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(cache.iterdir())
     except OSError:

@@ -358,7 +358,7 @@ class CpuThread:
         if self.tracer.enabled:
             self.tracer.instant("kick sent", target=self.name)
         try:
-            signal.pthread_kill(self.thread.ident, SIG_IPI)
+            signal.pthread_kill(self.thread.ident or 0, SIG_IPI)  # started: ident is set
         except ProcessLookupError:
             pass  # it ended between the check and the kill
 

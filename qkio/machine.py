@@ -53,9 +53,9 @@ from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
 from .kvm.exits import SystemEvent, describe_failure
 from .kvm.structs import kvm_run
-from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
+from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR, Vm
 from .main_loop import MainLoop
-from .posix_aio_compat import AIO_SIGNAL, paio_init
+from .posix_aio_compat import AIO_SIGNAL, PosixAioState, paio_init
 from .record import Record
 from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
@@ -191,6 +191,15 @@ class MachineConfig(Record):
 
 
 class Machine:
+    # What _build makes.  They are None before it and after close() (hence the
+    # "type: ignore"s where they are set to None): in between, which is when
+    # any method but close() runs, they are always there.
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    loop: MainLoop
+    signal_source: SignalSource | None
+    paio: PosixAioState | None
     """A KVM virtual machine run the qemu-kvm way.
 
     Built from a :class:`MachineConfig` -- ``Machine(config)`` -- or, the
@@ -239,7 +248,8 @@ class Machine:
         self.exit_status: int | None = None
         self.exit_message = ""
         self.cpus: list[CpuThread] = []
-        self.kvm = self.vm = self.memory = self.loop = self.signal_source = self.paio = None
+        self.kvm = self.vm = self.memory = self.loop = None  # type: ignore[assignment]
+        self.signal_source = self.paio = None
         self.virtio = None
         self.console_out: CharOutput | None = None
         self.console_unwritten = 0  # guest output given up on at the end of the run
@@ -294,7 +304,7 @@ class Machine:
             # Guest output goes to stdout through the io thread, never blocking
             # a vCPU (qkio.chardev says why).
             self.console_out = CharOutput(self.loop, 1, on_room=lambda: self.serial.transmit_ready())
-            write_console = self.console_out.write
+            write_console: Callable[[bytes], object] = self.console_out.write
         else:
             write_console = console
         self.bus = PortBus()
@@ -327,20 +337,20 @@ class Machine:
             # Two signal fds, as in 0.12: kvm_main_loop's (here with qkio's own
             # signals too) and paio_init's, for SIGUSR2 alone.
             own = tuple(s for s in VMM_SIGNALS if s != AIO_SIGNAL) + REALTIME_SIGNALS
-            self.signal_source = SignalSource(signals, own, tracer=self.tracer,
-                                              force_signalfd_failure=config.force_signalfd_failure)
-            self.signal_source.attach(self.loop)
+            self.signal_source = source = SignalSource(
+                signals, own, tracer=self.tracer, force_signalfd_failure=config.force_signalfd_failure)
+            source.attach(self.loop)
             for signo in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGQUIT):
-                self.signal_source.add_handler(signo, self._terminate_on_signal)
-            self.signal_source.add_handler(_signal.SIGHUP, self._report_state)
-            self.signal_source.add_handler(_signal.SIGBUS, self.sigbus_handler)
-            for signo in REALTIME_SIGNALS:  # counted by the source, nothing more
-                self.signal_source.add_handler(signo, lambda info: None)
+                source.add_handler(signo, self._terminate_on_signal)
+            source.add_handler(_signal.SIGHUP, self._report_state)
+            source.add_handler(_signal.SIGBUS, self.sigbus_handler)
+            for rt in REALTIME_SIGNALS:  # counted by the source, nothing more
+                source.add_handler(rt, lambda info: None)
             if config.clock == "alarm":
-                self.loop.init_timer_alarm(self.signal_source)
+                self.loop.init_timer_alarm(source)
             else:  # SIGALRM/SIGIO from outside: counted, nothing more
                 for signo in (_signal.SIGALRM, _signal.SIGIO):
-                    self.signal_source.add_handler(signo, lambda info: None)
+                    source.add_handler(signo, lambda info: None)
             self.paio = paio_init(self.loop, method=signals, tracer=self.tracer,
                                   force_signalfd_failure=config.force_signalfd_failure)
 
@@ -469,6 +479,7 @@ class Machine:
         for cpu in self.cpus:
             print(self.describe_cpu(cpu), file=sys.stderr, flush=True)
         source = self.signal_source
+        assert source is not None  # SIGHUP comes through it
         received = dict(source.received)
         if self.paio is not None and self.paio.source is not None:
             received.update(self.paio.source.received)
@@ -566,6 +577,7 @@ class Machine:
             self._stop_vcpus()
             if self.console_out is not None:
                 self.console_unwritten += self.console_out.flush()
+            assert self.exit_status is not None  # run_until's predicate, or request_exit above
             return self.exit_status
         finally:
             with self._life:
@@ -670,16 +682,16 @@ class Machine:
             self.console_out = None
         if self.loop is not None:
             self.loop.close()
-            self.loop = None
+            self.loop = None  # type: ignore[assignment]
         if self.vm is not None:
             self.vm.close()
-            self.vm = None
+            self.vm = None  # type: ignore[assignment]
         if self.memory is not None:
             self.memory.close()
-            self.memory = None
+            self.memory = None  # type: ignore[assignment]
         if self.kvm is not None:
             self.kvm.close()
-            self.kvm = None
+            self.kvm = None  # type: ignore[assignment]
 
     def __enter__(self):
         return self

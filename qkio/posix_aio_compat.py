@@ -175,11 +175,13 @@ class PosixAioState:
     @property
     def path(self) -> str:
         """How SIGUSR2 reaches the io thread: signalfd, thread or async."""
+        assert self.source is not None
         return self.source.path
 
     @property
     def fd(self) -> int:
         """The signal fd (``s->fd``), -1 for the async path."""
+        assert self.source is not None
         return self.source.read_fd
 
     # -- submitting (any thread, usually a vCPU thread emulating a disk) -------
@@ -201,7 +203,8 @@ class PosixAioState:
             # The compat signal thread shows SIGUSR2 unblocked while it sits in
             # sigwaitinfo (the kernel lifts the waited set from the mask for
             # the wait): it is the one thread that is meant to take it.
-            own = self.source.thread.native_id if self.source.thread is not None else None
+            thread = self.source.thread if self.source is not None else None
+            own = thread.native_id if thread is not None else None
             open_to_it = [t for t in threads_taking(AIO_SIGNAL) if t != own]
             if open_to_it:
                 raise RuntimeError(

@@ -437,7 +437,7 @@ class SignalSource:
 
     def _drain_wakeup(self, opaque: object = None) -> None:
         try:
-            while os.read(self._wakeup[0], 512):
+            while self._wakeup is not None and os.read(self._wakeup[0], 512):
                 pass
         except BlockingIOError:
             pass
@@ -498,7 +498,7 @@ class SignalSource:
             self._closing = True
             # Wake the thread out of sigwaitinfo with one of its own signals,
             # aimed at it alone; it sees _closing and returns without writing.
-            signal.pthread_kill(self.thread.ident, self.signals[0])
+            signal.pthread_kill(self.thread.ident or 0, self.signals[0])  # alive: ident is set
             self.thread.join(timeout=5)
         for fd in (self.read_fd, self._write_fd):
             if fd >= 0:

@@ -209,7 +209,7 @@ class Tracer:
             for ph, ev_name, ts, dur, args in list(log.events):
                 out.append({"ph": ph, "name": ev_name, "ts_ns": ts, "dur_ns": dur,
                             "tid": log.tid, "thread": name, "args": args or {}})
-        out.sort(key=lambda e: e["ts_ns"])
+        out.sort(key=lambda e: e["ts_ns"])  # type: ignore[arg-type,return-value]  # always an int
         return out
 
     def to_chrome_json(self) -> dict[str, Any]:

@@ -44,6 +44,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .progress import Progress, Silent
 from .stats import host_steal_ms, steal_between
@@ -109,7 +110,7 @@ def run_benchmarks(names=None, quick: bool = False, progress=None) -> dict:
     if unknown:
         raise ValueError(f"unknown benchmark {', '.join(unknown)}; there are {', '.join(BENCHMARKS)}")
     progress = progress if progress is not None else Silent()
-    out = {"machine": machine_info(), "quick": quick, "results": {}, "errors": {}}
+    out: dict[str, Any] = {"machine": machine_info(), "quick": quick, "results": {}, "errors": {}}
     for name in names:
         progress.start(name)
         t0, steal0 = time.monotonic(), host_steal_ms()

@@ -23,6 +23,7 @@ exit.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .build import build_guest
 from .guest_run import BENCH_PORT, run_c, run_qkio
@@ -61,8 +62,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
         "c exit": lambda k: run_c(elf, k),
         "c ioeventfd": lambda k: run_c(elf, k, ioeventfd_port=BENCH_PORT),
     }
-    per_write = {v: [] for v in variants}
-    checks = {"qkio ioeventfd counts": [], "qkio exit IO exits": [], "c ioeventfd exits": []}
+    per_write: dict[str, Any] = {v: [] for v in variants}
+    checks: dict[str, Any] = {"qkio ioeventfd counts": [], "qkio exit IO exits": [], "c ioeventfd exits": []}
     for r in range(rounds):
         for name, fn in variants.items():
             if progress:

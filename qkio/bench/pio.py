@@ -57,6 +57,8 @@ and the comparison is made all the same.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .build import build_guest
 from .guest_run import DEVICE_PORT, UNOWNED_PORT, have_qemu, run_c, run_qemu, run_qkio
 from .stats import median, summarize
@@ -123,7 +125,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
             per_exit[v].append((t_n - t_small) / (big - small) * 1e6)
             if VARIANTS[v][0] == "qemu":
                 startup.append(t_small)
-    result = {"method": METHOD, "count": counts, "small": small, "rounds": rounds, "quick": quick,
+    result: dict[str, Any] = {"method": METHOD, "count": counts, "small": small, "rounds": rounds, "quick": quick,
               "ports": {v: VARIANTS[v][1] for v in variants},
               "per_exit_us": {v: summarize(x) for v, x in per_exit.items()},
               "rounds_us": {v: [round(x, 3) for x in xs] for v, xs in per_exit.items()},

@@ -25,6 +25,7 @@ import select
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .build import build_guest
 from .guest_run import QEMU, QEMU_ARGS, have_qemu
@@ -51,6 +52,7 @@ def _drain(argv: list[str], n: int, timeout: float = 300.0) -> dict:
     t_start = time.monotonic()
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True, env=env)
+    assert child.stdout is not None and child.stderr is not None  # both PIPE
     fd = child.stdout.fileno()
     chunks, first, last, reads = [], None, None, 0
     got = 0
@@ -101,8 +103,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, rounds: int | 
     if qemu:
         commands["qemu"] = [QEMU, *QEMU_ARGS, "-serial", "stdio", "-kernel", elf,
                             "-append", f"count={n}"]
-    samples = {k: [] for k in commands}
-    reads = {k: [] for k in commands}
+    samples: dict[str, Any] = {k: [] for k in commands}
+    reads: dict[str, Any] = {k: [] for k in commands}
     for r in range(rounds):
         for name, argv in commands.items():
             if progress:

@@ -27,6 +27,7 @@ import signal
 import struct
 import sys
 import time
+from typing import Any
 
 from qkio import signals as sigmod
 
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     out = sys.stdout.buffer.raw if hasattr(sys.stdout.buffer, "raw") else sys.stdout.buffer
     out_fd = out.fileno()
     total = args.warmup + args.count
-    state = {"seen": 0, "cpu0": _cpu()}
+    state: dict[str, Any] = {"seen": 0, "cpu0": _cpu()}
     monotonic_ns = time.monotonic_ns
     pack = _NS.pack
 

@@ -63,6 +63,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 from .build import build_c
 from .stats import fmt_dist, summarize
@@ -113,6 +114,7 @@ def measure(method: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                              start_new_session=True, env=env)
+    assert child.stdout is not None  # stdout=PIPE
     fd = child.stdout.fileno()
     latencies = []
     try:
@@ -189,7 +191,7 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     """
     count = count if count is not None else (1000 if quick else 10000)
     rounds = max(1, min(rounds or (2 if quick else 5), count))
-    result = {"method": METHOD, "signals_per_path": count, "rounds": rounds, "paths": {}}
+    result: dict[str, Any] = {"method": METHOD, "signals_per_path": count, "rounds": rounds, "paths": {}}
     if c_reference:
         result["c_reference"] = {}
         result["ratios"] = {}
@@ -198,7 +200,7 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     # Rounds outside, paths inside: every round runs every path and both
     # implementations, so a change in the host's load hits all of them alike
     # and the paths can be compared with each other, not only with C.
-    all_parts = {method: {impl: [] for impl in impls} for method in METHODS}
+    all_parts: dict[str, Any] = {method: {impl: [] for impl in impls} for method in METHODS}
     for i, n in enumerate(chunks):
         for method in METHODS:
             for impl in impls:

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from .guest_run import QEMU, QEMU_ARGS, have_qemu
 from .stats import fmt_dist, median, summarize
@@ -138,7 +139,7 @@ def run(quick: bool = False, progress=None, rounds: int | None = None,
             t = time_process(cmds[name], *checks[name])
             wall[name].append(t["wall_s"])
             cpu[name].append(t["cpu_s"])
-    result = {"method": METHOD, "rounds": rounds, "quick": quick, "qkio_bytecode": bytecode,
+    result: dict[str, Any] = {"method": METHOD, "rounds": rounds, "quick": quick, "qkio_bytecode": bytecode,
               "commands": {n: " ".join(c) for n, c in cmds.items()},
               "wall_ms": {n: summarize([x * 1e3 for x in v]) for n, v in wall.items()},
               "cpu_ms": {n: summarize([x * 1e3 for x in v]) for n, v in cpu.items()},

@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     tracer = trace.Tracer(enabled=True) if args.trace else None
     machine = Machine(memory_mib=8, signals=args.signals, clock=args.clock,
                       console=lambda data: None, tracer=tracer)
+    assert machine.signal_source is not None  # signals= is required here
     if args.no_wakeup_fd:
         machine.signal_source.detach_wakeup_fd()
-        if machine.paio is not None:
+        if machine.paio is not None and machine.paio.source is not None:
             machine.paio.source.detach_wakeup_fd()
     late_ns: list[int] = []
     total = args.warmup + args.count

@@ -38,6 +38,8 @@ import os
 import resource
 import select
 import time
+from collections.abc import Callable
+from typing import Any
 
 from qkio.main_loop import MainLoop
 
@@ -106,6 +108,7 @@ def measure(backend: str, idle: int, wakes: int, calls: int) -> dict:
 
 def _syscall_cost(backend: str, fds: list[int], calls: int) -> dict:
     """µs per bare select/poll/epoll_wait call over ``fds`` (the last one is readable)."""
+    call: Callable[[], object]
     if backend == "select":
         call = lambda: select.select(fds, [], [], 0)  # noqa: E731
         closer = None
@@ -138,7 +141,7 @@ def run(quick: bool = False, progress=None, fd_counts=FD_COUNTS) -> dict:
     wakes = 200 if quick else 2000
     calls = 400 if quick else 4000
     limit = _ensure_nofile(max(fd_counts) + 256)
-    result = {"method": METHOD, "wakeups": wakes, "calls": calls, "rlimit_nofile": limit,
+    result: dict[str, Any] = {"method": METHOD, "wakeups": wakes, "calls": calls, "rlimit_nofile": limit,
               "fd_setsize": FD_SETSIZE, "results": {}}
     for backend in BACKENDS:
         result["results"][backend] = {}

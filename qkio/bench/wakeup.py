@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from qkio.main_loop import MainLoop
 from qkio.notify import EventNotifier
@@ -135,7 +136,7 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
         busy_ns = int(busy_after_notify_s * 1e9)
         for i in range(warmup + count):
             if wait_until_asleep:
-                while not _asleep_in_wait(thread.native_id):
+                while not _asleep_in_wait(thread.native_id or 0):  # started: native_id is set
                     time.sleep(gap_s or 50e-6)
             t0 = now()
             notify()
@@ -308,11 +309,11 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     """
     count = count if count is not None else (1000 if quick else 10000)
     rounds = max(1, min(rounds or (4 if quick else 10), count))
-    result = {"method": METHOD, "count": count, "rounds": rounds,
+    result: dict[str, Any] = {"method": METHOD, "count": count, "rounds": rounds,
               "switch_interval_s": sys.getswitchinterval(),
               "kinds": {}, "c_reference": {}, "python_floor": {}, "ratios": {}, "targets": {}}
     chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
-    acc = {kind: {"q_lat": [], "c_lat": [], "q_cpu": 0.0, "c_cpu": 0.0, "q_wakes": 0,
+    acc: dict[str, Any] = {kind: {"q_lat": [], "c_lat": [], "q_cpu": 0.0, "c_cpu": 0.0, "q_wakes": 0,
                   "c_wakes": 0, "per_round": [], "q_round_p50": [], "c_round_p50": [],
                   "f_lat": [], "f_cpu": 0.0, "f_wakes": 0, "f_round_p50": [],
                   "steal": None} for kind in KINDS}

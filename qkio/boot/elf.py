@@ -60,7 +60,7 @@ class ProgramHeader(Record):
     memsz: int
     align: int
 
-    def data(self, image: bytes) -> bytes:
+    def data(self, image: bytes | memoryview) -> bytes | memoryview:
         """The segment's bytes from the file (``filesz`` of them; a view if ``image`` is one)."""
         return image[self.offset:self.offset + self.filesz]
 
@@ -83,7 +83,7 @@ class ElfImage(Record):
         return tuple(ph for ph in self.program_headers if ph.type == PT_LOAD and ph.memsz)
 
 
-def parse_elf(image: bytes) -> ElfImage:
+def parse_elf(image: bytes | memoryview) -> ElfImage:
     """Read and check the file header and program headers of ``image``.
 
     ``image`` may be any bytes-like object -- a mapped file, say: only the

@@ -40,7 +40,7 @@ same selectors QEMU's Multiboot option ROM uses -- and 0x18 is 64-bit code.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 from ..record import Record
@@ -219,9 +219,6 @@ class CpuState(Record):
         return self._replace(regs={**self.regs, **regs})
 
 
-Write = tuple[int, bytes]
-
-
 class Zeros:
     """``length`` zero bytes, not allocated: a write of it is ``memory.fill(gpa, length, 0)``."""
 
@@ -237,7 +234,11 @@ class Zeros:
         return f"Zeros({self.length:#x})"
 
 
-def apply_writes(memory, writes: list[Write]) -> None:
+#: One write a loader wants made: ``(guest-physical address, bytes or Zeros)``.
+Write = tuple[int, bytes | memoryview | Zeros]
+
+
+def apply_writes(memory, writes: Iterable[Write]) -> None:
     """Copy each ``(gpa, bytes)`` into guest memory (bounds-checked there); a
     :class:`Zeros` is a fill, which costs nothing on pages never written."""
     for gpa, data in writes:
@@ -342,7 +343,7 @@ def identity_page_tables(base: int, gib: int) -> list[Write]:
         raise ValueError(f"page tables must be page aligned, not at {base:#x}")
     pml4, pdpt, first_pd = base, base + PAGE_SIZE, base + 2 * PAGE_SIZE
     table_flags = PTE_PRESENT | PTE_WRITABLE
-    writes = [
+    writes: list[Write] = [
         (pml4, struct.pack("<Q", pdpt | table_flags).ljust(PAGE_SIZE, b"\0")),
         (pdpt, struct.pack(f"<{gib}Q", *(first_pd + i * PAGE_SIZE | table_flags for i in range(gib)))
          .ljust(PAGE_SIZE, b"\0")),

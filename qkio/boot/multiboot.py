@@ -53,7 +53,7 @@ from collections.abc import Sequence
 from ..errors import BadKernel, GuestMemoryError
 from ..record import Record
 from . import elf
-from .modes import GDT_BASE, CpuState, Zeros, apply_writes, flat_gdt, protected_mode_state
+from .modes import GDT_BASE, CpuState, Write, Zeros, apply_writes, flat_gdt, protected_mode_state
 
 # --- Numbers from the Multiboot 0.6.96 specification -------------------------
 
@@ -135,7 +135,7 @@ class MultibootHeader(Record):
         return bool(self.flags & HEADER_FLAG_AOUT_KLUDGE)
 
 
-def _scan_for_header(image: bytes) -> tuple[int | None, int | None]:
+def _scan_for_header(image: bytes | memoryview) -> tuple[int | None, int | None]:
     """(offset of the first valid header, offset of the first bad-checksum one).
 
     QEMU stops at 8192 - 48 so that all twelve header words lie inside the
@@ -154,11 +154,11 @@ def _scan_for_header(image: bytes) -> tuple[int | None, int | None]:
     return None, bad_checksum
 
 
-def _is_linux(image: bytes) -> bool:
+def _is_linux(image: bytes | memoryview) -> bool:
     return image[LINUX_HEADER_OFFSET:LINUX_HEADER_OFFSET + 4] == LINUX_HEADER_MAGIC
 
 
-def find_header(image: bytes) -> MultibootHeader:
+def find_header(image: bytes | memoryview) -> MultibootHeader:
     """Find and decode the Multiboot header, or raise ``BadKernel``."""
     image = memoryview(image)  # a view: a mapped file is not read beyond its first 8 KiB
     offset, bad_checksum = _scan_for_header(image)
@@ -177,7 +177,7 @@ def find_header(image: bytes) -> MultibootHeader:
     return MultibootHeader(offset, flags, header_addr, load_addr, load_end_addr, bss_end_addr, entry_addr)
 
 
-def is_multiboot(image: bytes) -> bool:
+def is_multiboot(image: bytes | memoryview) -> bool:
     """Would QEMU's ``-kernel`` boot ``image`` as a Multiboot kernel?
 
     QEMU checks for a Linux boot header first, so a bzImage that happens to
@@ -205,7 +205,7 @@ class _KernelImage(Record):
     pieces: tuple[tuple[int, int, int], ...]  # (offset from load_addr, file offset, length)
 
 
-def _kernel_from_header(image: bytes, header: MultibootHeader) -> _KernelImage:
+def _kernel_from_header(image: bytes | memoryview, header: MultibootHeader) -> _KernelImage:
     """The a.out kludge: the header says which file bytes go where.
 
     The checks are QEMU's, in its order, with its 32-bit arithmetic.
@@ -239,7 +239,7 @@ def _kernel_from_header(image: bytes, header: MultibootHeader) -> _KernelImage:
     return _KernelImage(h.load_addr, kernel_size, h.entry_addr, ((0, text_offset, load_size),))
 
 
-def _kernel_from_elf(image: bytes) -> _KernelImage:
+def _kernel_from_elf(image: bytes | memoryview) -> _KernelImage:
     """No a.out kludge: load the ELF32 PT_LOAD segments at their physical addresses."""
     # QEMU looks at e_machine before anything else and names the problem.
     if image[:4] == elf.ELF_MAGIC and (
@@ -382,7 +382,7 @@ class MultibootBoot(Record):
     modules: tuple[Module, ...]
     memory_map: tuple[MemoryRegion, ...]
     cpu_state: CpuState
-    writes: tuple[tuple[int, bytes], ...]
+    writes: tuple[Write, ...]
 
     @property
     def loaded_ranges(self) -> list[tuple[int, int]]:
@@ -398,7 +398,7 @@ BOOT_AREAS = (
 
 # --- The loader -------------------------------------------------------------------
 
-def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
+def load_multiboot(image: bytes | memoryview, memory, *, kernel_path: str, append: str = "",
                    modules: Sequence[tuple[bytes, str]] = (), ram_size: int | None = None,
                    reserved: Sequence[tuple[int, int]] = ()) -> MultibootBoot:
     """Load ``image`` into ``memory`` as QEMU's ``-kernel`` would load it.
@@ -468,7 +468,7 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     cmdline_addr = load_addr + cursor
     meta[cursor - info_offset:cursor - info_offset + len(kernel_line_bytes)] = kernel_line_bytes
     meta[name_offset - info_offset:] = name_bytes
-    buffer_writes = [(load_addr, Zeros(buffer_size))]
+    buffer_writes: list[Write] = [(load_addr, Zeros(buffer_size))]
     for offset, file_offset, length in kernel.pieces:
         buffer_writes += _file_writes(source, image, load_addr + offset, file_offset, length)
     buffer_writes.append((load_addr + info_offset, bytes(meta)))
@@ -491,7 +491,7 @@ def load_multiboot(image: bytes, memory, *, kernel_path: str, append: str = "",
     state, mode_writes = protected_mode_state(kernel.entry)
     # Multiboot's promise: the magic in EAX, the information in EBX.
     state = state.with_regs(rax=BOOTLOADER_MAGIC, rbx=INFO_ADDR)
-    writes = (*mode_writes, (MMAP_ADDR, mmap), (INFO_ADDR, bytes(info)), *buffer_writes)
+    writes: tuple[Write, ...] = (*mode_writes, (MMAP_ADDR, mmap), (INFO_ADDR, bytes(info)), *buffer_writes)
     try:
         apply_writes(memory, writes)
     except GuestMemoryError as e:  # cannot happen after the checks above; say where if it does

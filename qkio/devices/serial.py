@@ -150,7 +150,7 @@ class Serial:
     """
 
     def __init__(self,
-                 output: Callable[[bytes], None],
+                 output: Callable[[bytes], object],
                  irq: Callable[[int], None] = lambda level: None,
                  accept_input: Callable[[], None] = lambda: None):
         self.output = output

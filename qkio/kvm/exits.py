@@ -229,6 +229,7 @@ def describe_failure(vcpu, exit: VcpuExit | int) -> str:
     ``exit`` is a decoded exit, or a reason that :meth:`Vcpu.exit` decodes here."""
     if isinstance(exit, int):
         exit = vcpu.exit(exit)
+    assert isinstance(exit, Record)
     try:
         rip = vcpu.get_regs().rip
         where = f"at RIP={rip:#x}"

@@ -79,7 +79,7 @@ class GuestMemory:
         if self._map is not None:
             del self._anchor  # drop the exported buffer, or mmap.close() raises BufferError
             self._map.close()
-            self._map = None
+            self._map = None  # type: ignore[assignment]  # closed: any later access fails
 
     def __enter__(self):
         return self

@@ -181,9 +181,9 @@ class Vcpu:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            self.kvm_run = None  # drop our own view of the mapping first
+            self.kvm_run = None  # type: ignore[assignment]  # drop our own view of the mapping first
             try:
                 self.run_page.close()
             except BufferError:
                 pass
-            self.run_page = None
+            self.run_page = None  # type: ignore[assignment]

@@ -126,6 +126,7 @@ def _group_strace(text: str, hide: Iterable[str] = ()) -> dict[str, list[str]]:
     threads: set[int] = set()
     for raw in text.splitlines():
         m = _LINE.match(raw)
+        assert m is not None  # _LINE matches any line
         tid_text = m.group(1) or m.group(2)
         body = m.group(3)
         if body.startswith("+++"):

@@ -143,7 +143,7 @@ def plot_timeline(trace: list[dict[str, Any]] | str | os.PathLike, ax=None,
         ax.set_xlim(*window)
     if title:
         ax.set_title(title)
-    handles = [Patch(color=c, label=k) for k, c in kinds_seen.items()]
+    handles: list[Any] = [Patch(color=c, label=k) for k, c in kinds_seen.items()]
     handles += [Line2D([], [], marker=m, color=c, linestyle="none", label=n)
                 for n, (m, c) in marks_seen.items()]
     if handles:

@@ -198,11 +198,12 @@ class VmmProcess:
         if self.returncode is None:
             ready, _, _ = select.select([self._pidfd], [], [], timeout)
             if not ready:
-                raise subprocess.TimeoutExpired(self.argv, timeout)
+                raise subprocess.TimeoutExpired(self.argv, timeout or 0.0)
             _, status = os.waitpid(self.pid, 0)
             self._reaped(status)
         self._out.join(5)
         self._err.join(5)
+        assert self.returncode is not None  # reaped above
         return self.returncode
 
     def _reaped(self, status: int) -> None:
@@ -220,7 +221,7 @@ class VmmProcess:
                 os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self.wait()
+            return self.wait()
         return self.returncode
 
     def __enter__(self) -> "VmmProcess":
