@@ -123,7 +123,7 @@ qkio_book_kvm_unusable = KVM_UNUSABLE or ""
 
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+autodoc_typehints = "signature"   # types once, in the signature; the docstring says the rest
 
 # -- HTML ------------------------------------------------------------------------
 

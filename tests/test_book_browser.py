@@ -22,12 +22,14 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.parse
 import urllib.request
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,53 @@ def load(cdp: Cdp, page: str) -> dict:
           inClosedDetails: !!img.closest("details:not([open])"),
         })),
         links: [...document.querySelectorAll("a[href]")].map(a => a.href),
+        // The text column: the article's content box.  Anything inside it that
+        // is wider, or that scrolls sideways, makes the reader scroll.
+        ...(() => {
+          const art = document.querySelector("article.bd-article") || document.querySelector("main") || document.body;
+          const cs = getComputedStyle(art), ar = art.getBoundingClientRect();
+          const left = ar.left + parseFloat(cs.paddingLeft), right = ar.right - parseFloat(cs.paddingRight);
+          const describe = el => {
+            const t = (el.innerText || "").trim().split("\n")[0].slice(0, 70);
+            const id = el.closest("[id]");
+            return `<${el.tagName.toLowerCase()}${id ? " in #" + id.id : ""}> "${t}"`;
+          };
+          const wide = [];
+          for (const el of art.querySelectorAll("pre, table, div.cell_output, div.output, .highlight, .pst-scrollable-table-container, img, object, figure, .MathJax, mjx-container")) {
+            if (!shown(el)) continue;
+            const r = el.getBoundingClientRect();
+            if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== "visible")
+              wide.push(`${describe(el)} scrolls sideways (${el.scrollWidth} px of content in ${el.clientWidth} px)`);
+            else if (r.right > right + 1 || r.left < left - 1)
+              wide.push(`${describe(el)} is ${Math.round(r.width)} px wide, the column ${Math.round(right - left)} px`);
+          }
+          // Figures: images and embedded SVG drawings in the article.
+          // (Icons, such as the module index's +/- toggles, are not figures.)
+          const figures = [...art.querySelectorAll("img, object[type='image/svg+xml']")].filter(shown)
+            .filter(el => { const r = el.getBoundingClientRect(); return r.width >= 48 && r.height >= 48; }).map(el => {
+            const fig = el.closest("figure");
+            const cap = fig && fig.querySelector("figcaption");
+            const r = el.getBoundingClientRect();
+            return {
+              src: el.currentSrc || el.src || el.data,
+              tag: el.tagName.toLowerCase(),
+              alt: el.tagName === "IMG" ? (el.getAttribute("alt") || "") : (el.textContent || "").trim(),
+              caption: cap ? cap.innerText.trim() : "",
+              width: r.width, height: r.height,
+              naturalWidth: el.naturalWidth || 0,
+            };
+          });
+          // API pages: signatures, and parameters listed in field lists.
+          const signatures = [...art.querySelectorAll("dt.sig")].map(d => d.innerText.replace(/\s+/g, " ").replace(/\s*¶$/, "").trim());
+          const bareParams = [];
+          for (const dt of art.querySelectorAll("dl.field-list > dt")) {
+            if (!/^Param/i.test(dt.textContent.trim())) continue;
+            for (const li of (dt.nextElementSibling ? dt.nextElementSibling.querySelectorAll("p") : []))
+              if (!/\S\s+[–—-]\s+\S/.test(li.textContent)) bareParams.push(li.textContent.trim());
+          }
+          return {column: right - left, wide, figures, signatures, bareParams,
+                  words: (art.innerText.match(/\S+/g) || []).length};
+        })(),
         ids: [...document.querySelectorAll("[id], a[name]")].map(e => e.id || e.getAttribute("name")),
       };
     })()
@@ -208,6 +257,62 @@ def broken_links(page: str, info: dict) -> list[str]:
     return broken
 
 
+MAX_WORDS = 8000
+MIN_TEXT_PX = 10.0      # the smallest text of a figure, as drawn at column width
+# A name with one leading underscore (not a dunder such as __init__), as a
+# dotted component or a bare word: _trace.Tracer, qkio._x, _helper.
+_PRIVATE = re.compile(r"(?<![\w])_(?!_)[A-Za-z]\w*")
+_FILE_NAME = re.compile(r"^\S+\.(png|svg|jpe?g|gif|webp)$|^[\w.-]+$", re.I)
+
+
+def svg_text_sizes(path: Path) -> tuple[float, list[float]]:
+    """(viewBox width, font sizes of the text in it) of an SVG file.
+
+    Graphviz and matplotlib (svg.fonttype: none, notebooks/matplotlibrc) both
+    keep text as <text> with a font size in viewBox units, so how big the text
+    is on screen is font size * drawn width / viewBox width.
+    """
+    root = ET.parse(path).getroot()
+    vb = root.get("viewBox")
+    width = float(vb.split()[2]) if vb else float(re.sub(r"[a-z]+$", "", root.get("width", "0")))
+    sizes = []
+    for el in root.iter():
+        if el.tag.rsplit("}", 1)[-1] != "text" or not "".join(el.itertext()).strip():
+            continue
+        style = el.get("style", "")
+        m = (re.search(r"font-size:\s*([\d.]+)", style) or re.search(r"font:\s*(?:\w+\s+)*?([\d.]+)px", style))
+        size = el.get("font-size") or (m.group(1) if m else None)
+        if size is None:  # inherited from a <g>: look up the ancestors' attributes
+            continue
+        sizes.append(float(re.sub(r"[a-z]+$", "", size)))
+    return width, sizes
+
+
+def figure_problems(page: str, info: dict) -> list[str]:
+    """Every figure: a caption and alt text that say something, and text legible at the width drawn."""
+    problems = []
+    for fig in info["figures"]:
+        name = urllib.parse.unquote(urllib.parse.urlsplit(fig["src"]).path).rsplit("/", 1)[-1]
+        what = f"figure {name}"
+        alt = " ".join(fig["alt"].split())
+        if len(alt.split()) < 4 or _FILE_NAME.match(alt) or name in alt:
+            problems.append(f"{what}: alt text {alt[:60]!r} does not say what it shows")
+        if len(fig["caption"].split()) < 4:
+            problems.append(f"{what}: no caption saying what to see in it ({fig['caption']!r})")
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(fig["src"]).path))
+        if path.suffix.lower() != ".svg":
+            problems.append(f"{what}: a bitmap; draw it as SVG (text stays sharp and checkable)")
+            continue
+        width, sizes = svg_text_sizes(path)
+        if not sizes or not width:
+            continue
+        smallest = min(sizes) * fig["width"] / width
+        if smallest < MIN_TEXT_PX:
+            problems.append(f"{what}: its smallest text is {smallest:.1f} px at the {fig['width']:.0f} px "
+                            f"it is drawn (at least {MIN_TEXT_PX:.0f} px)")
+    return problems
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_page(browser, page):
     info = load(browser, page)
@@ -225,6 +330,17 @@ def test_page(browser, page):
             problems.append(f"image not displayed: {img['src']}")
 
     problems += broken_links(page, info)
+    problems += info["wide"]
+    problems += figure_problems(page, info)
+    if page.startswith("docs/api/"):
+        for sig in info["signatures"]:
+            private = sorted(set(_PRIVATE.findall(sig)))
+            if private:
+                problems.append(f"private name(s) {', '.join(private)} in the signature {sig[:100]!r}")
+        for p in info["bareParams"]:
+            problems.append(f"a parameter listed without a description: {p[:80]!r}")
+    if info["words"] > MAX_WORDS:
+        problems.append(f"{info['words']} words: split the page (at most {MAX_WORDS})")
 
     for ev in browser.events:
         if ev["method"] == "Log.entryAdded" and ev["params"]["entry"]["level"] == "error":
@@ -257,6 +373,23 @@ def test_root_redirects_to_landing_page(browser):
             return
         time.sleep(0.1)
     pytest.fail(f"index.html did not redirect to docs/index.html (still at {url})")
+
+
+def test_landing_page_shows_the_drawing(browser):
+    """The drawing of qemu-kvm 0.12's process is on the landing page, seen, legible, whole."""
+    info = load(browser, "docs/index.html")
+    drawings = [f for f in info["figures"] if f["tag"] == "object" and f["src"].endswith(".svg")]
+    assert drawings, "the landing page has no drawing (an <object> with an SVG from Graphviz)"
+    d = drawings[0]
+    assert d["width"] >= 0.9 * info["column"] and d["height"] > 300, \
+        f"the drawing is {d['width']:.0f}x{d['height']:.0f} px in a {info['column']:.0f} px column"
+    svg = Path(urllib.parse.unquote(urllib.parse.urlsplit(d["src"]).path))
+    text = " ".join("".join(t.itertext()) for t in ET.parse(svg).getroot().iter()
+                    if t.tag.endswith("text"))
+    for part in ("select()", "KVM_RUN", "qemu_mutex", "event pipe", "signal pipe", "signalfd",
+                 "signal thread", "SIG_IPI", "AIO workers", "SIGUSR2"):
+        assert part in text, f"the drawing does not show {part!r}"
+    assert not figure_problems("docs/index.html", {"figures": [d]})
 
 
 def test_every_chapter_is_a_page():

@@ -106,7 +106,50 @@ def _offer_ipynb_download(app, pagename, templatename, context, doctree):
     context["ipynb_source"] = f"{pagename}.ipynb"
 
 
+# -- Sphinx: the API reference shows only public names ----------------------------
+#
+# A parameter with a leading underscore (a bound method cached as a default
+# argument, a back-pointer a dataclass fills in itself) is not something a
+# caller passes, and a private return type is not something a caller can name:
+# leave both out of the signatures autodoc prints.
+
+_PRIVATE_NAME = re.compile(r"(?<![\w.])_(?!_)\w*(?:\.\w+)*")
+
+
+def _split_top_level(params: str) -> list[str]:
+    """Split a parameter list at the commas that are not inside brackets or quotes."""
+    out, depth, cur, quote = [], 0, "", ""
+    for ch in params:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{<":
+            depth += 1
+        elif ch in ")]}>":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    if cur.strip():
+        out.append(cur)
+    return out
+
+
+def _public_signature(app, what, name, obj, options, signature, return_annotation):
+    if signature and signature.startswith("(") and signature.endswith(")"):
+        params = [p for p in _split_top_level(signature[1:-1])
+                  if not _PRIVATE_NAME.match(p.strip().lstrip("*"))]
+        signature = "(" + ",".join(params).strip() + ")"
+    if return_annotation and _PRIVATE_NAME.search(return_annotation.rsplit(".", 1)[-1]):
+        return_annotation = None
+    return signature, return_annotation
+
+
 def setup(app):
+    app.connect("autodoc-process-signature", _public_signature)
     app.add_config_value("qkio_book_kvm_unusable", "", "env")
     app.add_config_value("qkio_book_fallback", [], "env")
     app.connect("config-inited", _log_fallback)
