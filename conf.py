@@ -139,4 +139,6 @@ html_theme_options = {
     "home_page_in_toc": True,
 }
 html_last_updated_fmt = None
+# Search: chapters before glossary and API entries for the same word.
+html_search_scorer = str(ROOT / "docs" / "_ext" / "search_scorer.js")
 html_show_sourcelink = True

@@ -204,6 +204,42 @@ def _formatter(base=None):
     return lambda prog: base(prog, width=_columns() - 2)
 
 
+def _demo_guests() -> dict:
+    from .guests import GUESTS
+    return GUESTS
+
+
+def _benchmarks() -> dict:
+    """Each benchmark's name and the first line of its module's docstring."""
+    import importlib
+
+    from .bench import BENCHMARKS
+    out = {}
+    for name, module in BENCHMARKS.items():
+        doc = (importlib.import_module(f"qkio.bench.{module}").__doc__ or "").strip()
+        line = doc.splitlines()[0] if doc else ""
+        # Docstrings open with ``name``: ...; the name is already in the first column.
+        out[name] = line.split(": ", 1)[1] if line.startswith("``") and ": " in line else line
+    return out
+
+
+def _list_in_help(parser, title: str, items) -> None:
+    """Put a "title: name  what" list after the parser's help, computed when help is asked for.
+
+    Computed then, not when the parser is built, so that ``qkio run`` does not
+    import every benchmark on its way to starting a guest.
+    """
+    plain = parser.format_help
+
+    def format_help() -> str:
+        listed = items()
+        width = max(map(len, listed), default=0) + 2
+        lines = [f"{title}:"] + [f"  {name:<{width}}{what}" for name, what in listed.items()]
+        return plain().rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+
+    parser.format_help = format_help
+
+
 def build_parser():
     argparse = _argparse()
 
@@ -259,8 +295,11 @@ def build_parser():
                           "it, and stopping its kernel thread makes every run end later)")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file "
                      "(a regular file; checked before the guest starts)")
-    bench = sub.add_parser("bench", help="run the benchmarks", formatter_class=_formatter())
-    bench.add_argument("names", nargs="*")
+    _list_in_help(run, "demo guests (--kernel NAME; built from source on first use)", _demo_guests)
+    bench = sub.add_parser("bench", help="run the benchmarks",
+                           formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))
+    _list_in_help(bench, "benchmarks (all of them when no name is given)", _benchmarks)
+    bench.add_argument("names", nargs="*", metavar="name", help="benchmarks to run (listed below)")
     bench.add_argument("--quick", action="store_true", help="fewer iterations (as the book uses)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON (checked before benchmarking)")
     return parser

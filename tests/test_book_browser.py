@@ -392,6 +392,28 @@ def test_landing_page_shows_the_drawing(browser):
     assert not figure_problems("docs/index.html", {"figures": [d]})
 
 
+@pytest.mark.parametrize("query, chapter", [("signalfd", "08-signalfd"), ("main_loop_wait", "04-main-loop"),
+                                            ("event pipe", "05-event-pipe")])
+def test_search_ranks_the_chapter_first(browser, query, chapter):
+    """The book's own search, as a reader uses it: the chapter about the word comes first."""
+    browser.events.clear()
+    browser.call("Page.navigate", url=(HTML / "search.html").as_uri() + "?q=" + urllib.parse.quote(query))
+    browser.wait_for("Page.loadEventFired")
+    deadline = time.monotonic() + 30
+    hrefs: list[str] = []
+    while time.monotonic() < deadline:  # results come in one by one; wait for the summary line
+        done = browser.evaluate('!!(document.querySelector("#search-results .search-summary") || {}).textContent')
+        if done:
+            break
+        time.sleep(0.2)
+    hrefs = browser.evaluate('[...document.querySelectorAll("#search-results li > a")].map(a => a.href)')
+    assert hrefs, f"searching {query!r} found nothing"
+    first = urllib.parse.urlsplit(hrefs[0]).path
+    assert first.endswith(f"notebooks/{chapter}.html"), \
+        f"searching {query!r}: the first result is {first}, not chapter {chapter}; top five: " + \
+        ", ".join(urllib.parse.urlsplit(h).path.rsplit("/", 2)[-1] for h in hrefs[:5])
+
+
 def test_every_chapter_is_a_page():
     chapters = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9]*.md"))
     assert chapters, "no chapters in notebooks/"
