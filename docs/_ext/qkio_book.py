@@ -138,11 +138,17 @@ def _split_top_level(params: str) -> list[str]:
     return out
 
 
+# A private module alias in an annotation (``_trace.Tracer`` for a module
+# imported as ``from . import trace as _trace``): the class's own name is
+# what the reader can look up.
+_PRIVATE_PREFIX = re.compile(r"(?<![\w.])_(?!_)\w+\.")
+
+
 def _public_signature(app, what, name, obj, options, signature, return_annotation):
     if signature and signature.startswith("(") and signature.endswith(")"):
         params = [p for p in _split_top_level(signature[1:-1])
                   if not _PRIVATE_NAME.match(p.strip().lstrip("*"))]
-        signature = "(" + ",".join(params).strip() + ")"
+        signature = _PRIVATE_PREFIX.sub("", "(" + ",".join(params).strip() + ")")
     if return_annotation and _PRIVATE_NAME.search(return_annotation.rsplit(".", 1)[-1]):
         return_annotation = None
     return signature, return_annotation
