@@ -215,7 +215,7 @@ class CharOutput:
             self._stalled = False
             self.on_room()
 
-    def flush(self, patience_s: float = 0.25, limit_s: float = 1.0) -> int:
+    def flush(self, patience_s: float = 0.1, limit_s: float = 0.5) -> int:
         """Write out what is left at the end of a run; return the bytes given up on.
 
         Keeps going while the reader takes data, and gives up after

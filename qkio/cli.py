@@ -49,7 +49,7 @@ signals (all taken by the io thread through the --signals path):
 console:
   Guest output goes to stdout through the io thread and never blocks the VMM:
   while stdout is not being read, the UART reports a busy transmitter and the
-  guest waits.  At the end at most about a second is spent writing what is
+  guest waits.  At the end at most half a second is spent writing what is
   left; bytes a reader never took are counted in the closing line.  If stdout
   fails (reader gone, disk full), the rest of the output is dropped and the
   run goes on.  A closed stdin is no input; a closed stdout is no output.

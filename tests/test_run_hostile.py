@@ -68,20 +68,36 @@ def _wait_for_stall(r: int) -> None:
 FLOOD = ("--kernel", "flood", "--append", "count=100000000")
 
 
+def _has_vcpu_thread(pid: int) -> bool:
+    from qkio.threads import thread_names
+    try:
+        return "CPU 0/KVM" in thread_names(pid).values()
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("path", SIGNAL_PATHS)
 def test_timeout_ends_a_run_whose_reader_never_reads(path):
-    start = time.monotonic()
+    """--timeout counts from the start of the run (the vCPU thread appearing, seen
+    in /proc); the run must be over within 4 s of that.  The interpreter's own
+    start-up before it is not the VMM's to bound (on a loaded host it was
+    0.3-0.6 s here), so it is reported, not asserted."""
+    spawned = time.monotonic()
     proc, r = _spawn_never_read(*FLOOD, "--timeout", "3", "--signals", path)
     try:
+        while not _has_vcpu_thread(proc.pid) and proc.poll() is None:
+            time.sleep(0.002)
+        started = time.monotonic()
         status = proc.wait(10)
-        elapsed = time.monotonic() - start
+        ended = time.monotonic()
         err = _one_line_no_traceback(proc.stderr.read())
     finally:
         proc.kill()
         proc.wait()
         os.close(r)
     assert status == 124, err
-    assert elapsed < 4, f"--timeout 3 took {elapsed:.2f} s"
+    assert ended - started < 4, (f"--timeout 3 took {ended - started:.2f} s from the run's start "
+                                 f"({ended - spawned:.2f} s from the spawn)")
     assert "--timeout 3" in err and "bytes of guest output not written" in err
 
 
@@ -163,7 +179,8 @@ def test_any_backend_reads_devnull_and_regular_file_stdin(backend, stdin, tmp_pa
         (tmp_path / "in").write_bytes(data)
     with open(os.devnull if stdin == "devnull" else tmp_path / "in", "rb") as f:
         result = subprocess.run([*QKIO_RUN, "--kernel", str(test_kernel("echo")), "--backend", backend,
-                                 "--timeout", "20"], stdin=f, capture_output=True, timeout=60, cwd=ROOT)
+                                 "--timeout", "20" if stdin == "regular" else "2"],
+                                stdin=f, capture_output=True, timeout=60, cwd=ROOT)
     _one_line_no_traceback(result.stderr)
     if stdin == "regular":
         assert (result.returncode, result.stdout) == (1, data)
