@@ -88,7 +88,7 @@ def parse_elf(image: bytes | memoryview) -> ElfImage:
 
     ``image`` may be any bytes-like object -- a mapped file, say: only the
     headers are read, never the whole file."""
-    image = memoryview(image)  # type: ignore[assignment]
+    image = memoryview(image)
     if len(image) < _EI_NIDENT:
         raise BadKernel(f"not an ELF file: only {len(image)} bytes, less than the 16-byte e_ident")
     if image[:4] != ELF_MAGIC:
