@@ -330,3 +330,28 @@ def test_bench_json_destination_is_checked_before_benchmarking(where, tmp_path):
     err = _one_line_no_traceback(result.stderr)
     assert result.returncode == 1 and err.startswith("qkio: error:") and "--json" in err, err
     assert time.monotonic() - start < 30  # refused, not benchmarked first
+
+
+@pytest.mark.parametrize("backend", ["select", "poll", "epoll"])
+def test_a_reader_that_pauses_gets_every_byte_under_every_backend(backend):
+    """A reader that stops for a second and then reads on: the bytes stdout refused
+    wait in the console queue and the UART, the io thread writes them when the
+    pipe drains (a write handler under each wait backend), and none is lost."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fcntl.fcntl(w, F_SETPIPE_SZ, 4096)
+    proc = subprocess.Popen([*QKIO_RUN, "--kernel", "flood", "--append", "count=20000", "--backend", backend],
+                            stdout=w, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+    os.close(w)
+    try:
+        _wait_for_stall(r)
+        got = bytearray()
+        with os.fdopen(r, "rb") as reader:
+            while chunk := reader.read(1000):
+                got += chunk
+        assert proc.wait(60) == 33
+        _one_line_no_traceback(proc.stderr.read())
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert len(got) == 20000
