@@ -434,22 +434,30 @@ def test_a_full_host_side_holds_the_byte_in_thr_with_thre_clear():
     assert dev.io_read(IIR, 1) & 0x0F == UART_IIR_THRI
 
 
-def test_char_output_never_blocks_and_drains_through_the_loop():
-    """CharOutput on a one-page pipe nobody reads: write() refuses once its buffer
-    is full instead of blocking; reading the pipe lets the io thread drain it."""
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_char_output_never_blocks_and_drains_through_the_loop(kind):
+    """CharOutput on a one-page pipe (or a socket) nobody reads: write() refuses once
+    its buffer is full instead of blocking; reading lets the io thread drain it."""
     import fcntl
     import os
+    import socket
 
     from qkio.chardev import OUTPUT_LIMIT, CharOutput
     from qkio.main_loop import MainLoop
 
-    r, w = os.pipe2(os.O_CLOEXEC)
-    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    if kind == "pipe":
+        r, w = os.pipe2(os.O_CLOEXEC)
+        fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ
+    else:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        r, w = b.detach(), a.detach()
     rooms = []
     with MainLoop() as loop:
         out = CharOutput(loop, w, on_room=lambda: rooms.append(1))
         try:
-            assert out.kind == "reopened" and os.get_blocking(w), "fd 1's own file stays blocking"
+            assert out.kind == ("reopened" if kind == "pipe" else "socket")
+            assert os.get_blocking(w), "the caller's own file stays blocking"
             accepted = 0
             while out.write(b"x" * 100):
                 accepted += 100
