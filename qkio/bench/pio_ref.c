@@ -1,7 +1,7 @@
 /* pio_ref.c: the floor for `qkio bench pio` -- the same guest, the same
  * KVM_RUN loop, in C.
  *
- *   pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT]
+ *   pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT] [--no-pit] [--ram-mib=N]
  *
  * Builds a VM shaped like qkio's (TSS and identity map, in-kernel irqchip
  * and PIT, 8 MiB of RAM at 0), loads the Multiboot ELF's PT_LOAD segments,
@@ -11,11 +11,16 @@
  * plain number, e.g. "count=1000 port=1280"), and loops on KVM_RUN:
  *
  *   KVM_EXIT_IO to port 0xf4   -> the guest is done: stop
- *   any other KVM_EXIT_IO      -> count it, do nothing else (a null device)
+ *   any other KVM_EXIT_IO      -> count it, do nothing else: an OUT is dropped,
+ *                                 an IN reads all ones (a port nobody owns)
  *   anything else              -> fail
  *
  * With IOEVENTFD_PORT, a KVM_IOEVENTFD is registered on that port first, so
- * the guest's OUTs there complete inside the kernel.
+ * the guest's OUTs there complete inside the kernel.  --no-pit leaves out the
+ * in-kernel PIT and --ram-mib=N gives N MiB of RAM (default 8): the shape of
+ * `qkio run`'s own VM, for `qkio bench startup`, which times this program's
+ * whole run of the hello guest as the part of a run that is KVM's.  (hello
+ * polls the UART's line status with IN; all ones says "ready".)
  *
  * It prints one JSON line: {"exits": E, "seconds": S}, S being the time
  * from just before the first KVM_RUN to just after the last one
@@ -37,7 +42,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define RAM_SIZE   (8u << 20)
+static uint64_t RAM_SIZE = 8u << 20;
 #define MBI_ADDR   0x8000u
 #define CMDLINE    0x8100u
 #define DEBUG_EXIT 0xf4
@@ -106,8 +111,20 @@ static void flat_segment(struct kvm_segment *s, uint16_t selector, uint8_t type)
 
 int main(int argc, char **argv)
 {
-    if (argc < 3)
-        fail("usage: pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT]");
+    int pit_wanted = 1;
+    const char *ioeventfd_port = NULL;
+    for (int i = 3; i < argc; i++) {
+        if (!strcmp(argv[i], "--no-pit"))
+            pit_wanted = 0;
+        else if (!strncmp(argv[i], "--ram-mib=", 10))
+            RAM_SIZE = strtoull(argv[i] + 10, NULL, 0) << 20;
+        else if (argv[i][0] != '-' && !ioeventfd_port)
+            ioeventfd_port = argv[i];
+        else
+            argc = 0;  /* unknown: usage */
+    }
+    if (argc < 3 || RAM_SIZE < (2u << 20))
+        fail("usage: pio_ref GUEST.ELF COUNT|CMDLINE [IOEVENTFD_PORT] [--no-pit] [--ram-mib=N]");
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
     if (kvm < 0)
         die("/dev/kvm");
@@ -117,7 +134,8 @@ int main(int argc, char **argv)
     xioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, (unsigned long)&idmap, "KVM_SET_IDENTITY_MAP_ADDR");
     xioctl(vm, KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
     struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
-    xioctl(vm, KVM_CREATE_PIT2, (unsigned long)&pit, "KVM_CREATE_PIT2");
+    if (pit_wanted)
+        xioctl(vm, KVM_CREATE_PIT2, (unsigned long)&pit, "KVM_CREATE_PIT2");
 
     uint8_t *ram = mmap(NULL, RAM_SIZE, PROT_READ | PROT_WRITE,
                         MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -139,12 +157,12 @@ int main(int argc, char **argv)
     else
         snprintf((char *)ram + CMDLINE, 256, "%s", argv[2]);
 
-    if (argc > 3) {
+    if (ioeventfd_port) {
         int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         if (efd < 0)
             die("eventfd");
         struct kvm_ioeventfd ioe = {
-            .addr = strtoul(argv[3], NULL, 0), .len = 1, .fd = efd,
+            .addr = strtoul(ioeventfd_port, NULL, 0), .len = 1, .fd = efd,
             .flags = KVM_IOEVENTFD_FLAG_PIO,
         };
         xioctl(vm, KVM_IOEVENTFD, (unsigned long)&ioe, "KVM_IOEVENTFD");
@@ -183,7 +201,10 @@ int main(int argc, char **argv)
         }
         if (run->io.port == DEBUG_EXIT)
             break;
-        /* A null device: an OUT is dropped; an IN would read the zeroes KVM left. */
+        /* A port nobody owns: an OUT is dropped, an IN reads all ones. */
+        if (run->io.direction == KVM_EXIT_IO_IN)
+            memset((uint8_t *)run + run->io.data_offset, 0xff,
+                   (size_t)run->io.size * run->io.count);
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
     printf("{\"exits\": %ld, \"seconds\": %.9f}\n", exits,
