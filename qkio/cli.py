@@ -34,7 +34,9 @@ signals (all taken by the io thread through the --signals path):
                    restored); blocked from the first thing qkio does, so one
                    sent during start-up ends the run the same way.  A signal
                    sent while the Python interpreter itself is still starting,
-                   before qkio's code runs, has its default effect.
+                   before qkio's first line runs (tens of ms; more on a busy
+                   host), has its default effect: SIGTERM kills the process,
+                   SIGINT is Python's KeyboardInterrupt.
   SIGHUP           print each vCPU's registers and exit counts, and the signals
                    taken so far, to stderr
   SIGALRM, SIGIO   with --clock alarm, the alarm clock (host_alarm_handler);
