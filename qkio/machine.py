@@ -47,12 +47,11 @@ from .cpus import CpuThread, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
 from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
-from .devices.mmio import MmioBus, handle_mmio
+from .devices.mmio import MmioBus
 from .errors import BadKernel, GuestFailure, MachineStateError, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
-from .kvm.exits import SystemEvent, describe_failure
-from .kvm.structs import kvm_run
+from .kvm.exits import SystemEvent, describe_failure, handle_mmio
 from .kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR, Vm
 from .main_loop import MainLoop
 from .posix_aio_compat import AIO_SIGNAL, PosixAioState, paio_init
@@ -61,7 +60,6 @@ from .signals import REALTIME_SIGNALS, VMM_SIGNALS, SignalSource, signal_name
 
 COM1_BASE, COM1_IRQ = 0x3F8, 4
 BUS_MCEERR_AR, BUS_MCEERR_AO = 4, 5  # <asm-generic/siginfo.h>: si_code of a memory-error SIGBUS
-_EXIT_AT = kvm_run.exit.offset  # where the exit union sits in the kvm_run page
 _EXIT_MMIO = int(ExitReason.MMIO)
 
 # Exit statuses of a run (``qkio run`` exits with these; see its --help).
@@ -462,7 +460,7 @@ class Machine:
             raise GuestFailure(describe_failure(cpu.vcpu, exit))
 
     def _handle_mmio(self, cpu: CpuThread) -> None:
-        handle_mmio(self.mmio_bus, cpu.vcpu.run_page, _EXIT_AT)
+        handle_mmio(self.mmio_bus, cpu.vcpu.run_page)
 
     def _log_unassigned_mmio(self, addr: int, size: int, is_write: bool) -> None:
         what = "write" if is_write else "read"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from qkio.devices.mmio import MmioBus, MmioConflict, handle_mmio
+from qkio.devices.mmio import MmioBus, MmioConflict
 from qkio.kvm.constants import ExitReason
+from qkio.kvm.exits import handle_mmio
+from qkio.kvm.structs import kvm_run
 
 
 class Recorder:
@@ -77,16 +79,16 @@ def test_handle_mmio_on_a_kvm_run_page():
     dev = Recorder(0xA0B0C0D0)
     bus.register(0xFEB00000, 0x200, dev, "dev")
     page = bytearray(4096)
-    at = 32
+    at = kvm_run.exit.offset  # the exit union: kvm_run.mmio is at its start
     struct.pack_into("=Q8sIB", page, at, 0xFEB00010, b"\0" * 8, 4, 0)
-    handle_mmio(bus, page, at)
+    handle_mmio(bus, page)
     assert int.from_bytes(page[at + 8:at + 12], "little") == 0xA0B0C0E0
     struct.pack_into("=Q8sIB", page, at, 0xFEB00020, (0x55AA).to_bytes(8, "little"), 2, 1)
-    handle_mmio(bus, page, at)
+    handle_mmio(bus, page)
     assert dev.writes == [(0x20, 2, 0x55AA)]
     # A length KVM never reports is not trusted: all ones, nothing dispatched.
     struct.pack_into("=Q8sIB", page, at, 0xFEB00020, b"\0" * 8, 3, 0)
-    handle_mmio(bus, page, at)
+    handle_mmio(bus, page)
     assert page[at + 8:at + 16] == b"\xff" * 8 and len(dev.reads) == 1
 
 

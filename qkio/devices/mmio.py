@@ -28,7 +28,6 @@ The differences from the port bus follow from the address space:
 from __future__ import annotations
 
 import bisect
-import struct
 import sys
 from collections.abc import Callable
 
@@ -95,7 +94,7 @@ class MmioBus:
             raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
         hit = self.find(addr, size)
         if hit is None:
-            self._report(addr, size, False)
+            self.report_unassigned(addr, size, False)
             return _ALL_ONES[size]
         return hit[0].io_read(hit[1], size) & _ALL_ONES[size]
 
@@ -104,11 +103,14 @@ class MmioBus:
             raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
         hit = self.find(addr, size)
         if hit is None:
-            self._report(addr, size, True)
+            self.report_unassigned(addr, size, True)
             return
         hit[0].io_write(hit[1], size, value & _ALL_ONES[size])
 
-    def _report(self, addr: int, size: int, is_write: bool) -> None:
+    def report_unassigned(self, addr: int, size: int, is_write: bool) -> None:
+        """Report an access nobody owns through :attr:`on_unassigned` (once per page,
+        :data:`REPORT_LIMIT` pages at most).  :func:`qkio.kvm.exits.handle_mmio`
+        calls it for an access of a length KVM never reports."""
         page = addr >> 12
         if page in self._reported:
             return
@@ -120,28 +122,3 @@ class MmioBus:
         if len(self._reported) == REPORT_LIMIT:
             print(f"qkio: unassigned memory: {REPORT_LIMIT} pages reported; "
                   f"accesses to further pages are not", file=sys.stderr)
-
-
-# KVM_EXIT_MMIO's fields in the kvm_run page: u64 phys_addr, u8 data[8],
-# u32 len, u8 is_write -- at the same place as the io fields (the exit union).
-_MMIO_FIELDS = struct.Struct("=Q8sIB")
-
-
-def handle_mmio(bus: MmioBus, page, at: int, _unpack=_MMIO_FIELDS.unpack_from) -> None:
-    """``KVM_EXIT_MMIO``: carry one access between the ``kvm_run`` page and ``bus``.
-
-    ``at`` is the offset of ``kvm_run.exit`` in the page.  A length KVM would
-    never report (not 1, 2, 4 or 8) is treated as unassigned rather than
-    trusted.
-    """
-    addr, data, length, is_write = _unpack(page, at)
-    if length not in _ALL_ONES:
-        bus._report(addr, length, bool(is_write))
-        if not is_write:
-            page[at + 8:at + 16] = b"\xff" * 8
-        return
-    if is_write:
-        bus.write(addr, length, int.from_bytes(data[:length], "little"))
-    else:
-        value = bus.read(addr, length)
-        page[at + 8:at + 8 + length] = value.to_bytes(length, "little")

@@ -15,10 +15,11 @@ KVM layer does.
   kvm-ioctls returns ``VcpuExit::IoOut(port, data)``: :class:`IoOut`,
   :class:`IoIn`, :class:`Mmio`, :class:`Shutdown`, :class:`InternalError`...
   (:meth:`qkio.kvm.Vcpu.exit`).
-* :func:`handle_io` -- the fast twin of decoding :class:`IoOut`/:class:`IoIn`
-  and answering them: it completes a ``KVM_EXIT_IO`` against a port bus
-  straight from the page, because it runs once per port access the guest
-  makes and a typed value per exit would cost more than the exit's own
+* :func:`handle_io` and :func:`handle_mmio` -- the fast twins of decoding
+  :class:`IoOut`/:class:`IoIn` and :class:`Mmio` and answering them: they
+  complete a ``KVM_EXIT_IO`` against a port bus, a ``KVM_EXIT_MMIO`` against
+  an MMIO bus, straight from the page, because they run once per access the
+  guest makes and a typed value per exit would cost more than the exit's own
   dispatch.
 * :func:`describe_failure` -- one line for an exit that ends the run.
 """
@@ -37,6 +38,7 @@ from .structs import kvm_run, kvm_run_exit, kvm_run_io
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
 if TYPE_CHECKING:
     from ..devices.ioport import PortBus
+    from ..devices.mmio import MmioBus
 
 #: ``KVM_RUN`` failing with EAGAIN is not an error.  An application processor
 #: starts in the "wait for SIPI" state (KVM_MP_STATE_UNINITIALIZED); its
@@ -221,6 +223,35 @@ def handle_io(bus: PortBus, data, _unpack=_IO_FIELDS.unpack_from) -> None:
         for i in range(count):
             start = offset + i * size
             data[start:start + size] = bus.read(port, size).to_bytes(size, "little")
+
+
+# KVM_EXIT_MMIO's fields (struct kvm_run.mmio: u64 phys_addr, u8 data[8],
+# u32 len, u8 is_write) and where they sit in the kvm_run page.
+_MMIO_FIELDS = struct.Struct("=Q8sIB")
+_MMIO_AT = kvm_run.exit.offset + kvm_run_exit.mmio.offset
+_MMIO_DATA = _MMIO_AT + 8
+_MMIO_SIZES = (1, 2, 4, 8)
+
+
+def handle_mmio(bus: MmioBus, page, _unpack=_MMIO_FIELDS.unpack_from) -> None:
+    """KVM_EXIT_MMIO: carry one access between the ``kvm_run`` page and ``bus``
+    (:class:`qkio.devices.mmio.MmioBus`): a write's bytes to the bus, a read's
+    value into ``kvm_run.mmio.data``, which the next ``KVM_RUN`` completes.
+
+    The fast twin of decoding :class:`Mmio`, as :func:`handle_io` is for port I/O.
+    A length KVM would never report (not 1, 2, 4 or 8) is not trusted: it is an
+    unassigned access (reads all ones) and nothing is dispatched.
+    """
+    addr, data, length, is_write = _unpack(page, _MMIO_AT)
+    if length not in _MMIO_SIZES:
+        bus.report_unassigned(addr, length, bool(is_write))
+        if not is_write:
+            page[_MMIO_DATA:_MMIO_DATA + 8] = b"\xff" * 8
+        return
+    if is_write:
+        bus.write(addr, length, int.from_bytes(data[:length], "little"))
+    else:
+        page[_MMIO_DATA:_MMIO_DATA + length] = bus.read(addr, length).to_bytes(length, "little")
 
 
 def describe_failure(vcpu, exit: VcpuExit | int) -> str:
