@@ -145,6 +145,9 @@ class _Work:
 ExitHandler = Callable[["CpuThread", int], None]
 #: ``on_failure(cpu, failure)``: the run cannot go on (a GuestFailure, or a device bug).
 FailureHandler = Callable[["CpuThread", GuestFailure], None]
+#: ``on_sigbus(cpu, siginfo)``: a SIGBUS directed at this vCPU thread, taken by
+#: it with ``sigtimedwait`` (qemu-kvm's ``kvm_on_sigbus``), lock held.
+SigbusHandler = Callable[["CpuThread", object], None]
 
 
 class CpuThread:
@@ -159,7 +162,8 @@ class CpuThread:
 
     def __init__(self, vcpu: Vcpu, *, lock: GlobalMutex, bus: PortBus, on_exit: ExitHandler,
                  on_failure: FailureHandler, tracer: _trace.Tracer | None = None,
-                 kick: str = "immediate_exit", exit_path: str | None = None, ipi_blocked: bool = False):
+                 kick: str = "immediate_exit", exit_path: str | None = None, ipi_blocked: bool = False,
+                 on_sigbus: SigbusHandler | None = None):
         if kick not in KICK_STYLES:
             raise ValueError(f"kick style must be one of {KICK_STYLES}, not {kick!r}")
         # SIG_IPI blocked outside KVM_RUN: the signal_mask style's way, and the
@@ -176,6 +180,8 @@ class CpuThread:
         self.bus = bus
         self.on_exit = on_exit
         self.on_failure = on_failure
+        self.on_sigbus = on_sigbus
+        self.sigbus_taken = 0  # SIGBUSes this thread took itself (signal_mask style)
         self.tracer = tracer if tracer is not None else _trace.default
         self.thread: threading.Thread | None = None
         self.tid: int | None = None
@@ -210,7 +216,10 @@ class CpuThread:
         if self._mask_ipi:
             # Blocked here, unblocked only inside KVM_RUN (module comment).
             signal.pthread_sigmask(signal.SIG_BLOCK, {SIG_IPI})
-            inside = signal.pthread_sigmask(signal.SIG_BLOCK, set()) - {SIG_IPI}
+            # setup_kernel_sigmask: inside KVM_RUN only SIG_IPI and SIGBUS may
+            # interrupt the guest -- SIGBUS because a memory error on a page
+            # this thread touched is sent to this thread, and only it can take it.
+            inside = signal.pthread_sigmask(signal.SIG_BLOCK, set()) - {SIG_IPI, signal.SIGBUS}
             self.vcpu.set_signal_mask(_sigset_bytes(inside))
         else:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIG_IPI})
@@ -322,6 +331,14 @@ class CpuThread:
             # pending SIG_IPI so it does not end the next KVM_RUN too.
             while signal.sigtimedwait({SIG_IPI}, 0) is not None:
                 pass
+            # ... and a SIGBUS sent to this thread (kvm_main_loop_wait waits
+            # for {SIG_IPI, SIGBUS} and hands a SIGBUS to kvm_on_sigbus).
+            while (info := signal.sigtimedwait({signal.SIGBUS}, 0)) is not None:
+                self.sigbus_taken += 1
+                if self.tracer.enabled:
+                    self.tracer.instant("SIGBUS taken", cpu=self.index, code=info.si_code)
+                if self.on_sigbus is not None:
+                    self.on_sigbus(self, info)
 
     def _service_requests(self) -> bool:
         """Run queued work, honour pause and stop.  True means: leave the loop."""

@@ -322,7 +322,8 @@ class Machine:
             try:
                 cpu = CpuThread(vcpu, lock=self.lock, bus=self.bus, on_exit=self.handle_exit,
                                 on_failure=self.guest_failed, tracer=self.tracer,
-                                kick=kick, exit_path=exit_path, ipi_blocked=not self._ipi_handler)
+                                kick=kick, exit_path=exit_path, ipi_blocked=not self._ipi_handler,
+                                on_sigbus=self.kvm_on_sigbus)
             except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
                 vcpu.close()
                 raise
@@ -483,6 +484,30 @@ class Machine:
             received.update(self.paio.source.received)
         taken = " ".join(f"{signal_name(signo)}={n}" for signo, n in sorted(received.items()))
         print(f"signals taken through {source.path}: {taken}", file=sys.stderr, flush=True)
+
+    def kvm_on_sigbus(self, cpu: CpuThread, si) -> None:
+        """A SIGBUS that a vCPU thread took itself (``--kick signal_mask``, where
+        SIGBUS may interrupt ``KVM_RUN`` as in 0.12): qemu-kvm's ``kvm_on_sigbus``
+        without MCE emulation, which decides as :meth:`sigbus_handler` does: a
+        SIGBUS that is not a memory error is re-raised in this thread with its
+        default action (``sigbus_reraise``), which ends the process.  (It is
+        not handed to the process instead: this thread's ``sigtimedwait``
+        takes process-directed SIGBUSes too, so it would take it back.)"""
+        code = si.si_code
+        if code == BUS_MCEERR_AO:
+            self.log(f"{cpu.name}: SIGBUS: action-optional memory error, ignored")
+        elif code == BUS_MCEERR_AR:
+            self.request_exit(STATUS_GUEST_FAILED, f"{cpu.name}: Hardware memory error!")
+        else:
+            # Python can restore a default action only from the main thread;
+            # qkio installs no SIGBUS handler, so it is normally still SIG_DFL.
+            if _signal.getsignal(_signal.SIGBUS) == _signal.SIG_DFL:
+                self.log(f"{cpu.name}: SIGBUS (si_code {code}) is not a memory error: re-raised")
+                _signal.raise_signal(_signal.SIGBUS)    # pending for this thread, blocked
+                _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGBUS})
+            self.request_exit(STATUS_GUEST_FAILED,
+                              f"{cpu.name}: SIGBUS (si_code {code}) is not a memory error, "
+                              f"and could not be re-raised (SIGBUS has a handler)")
 
     def sigbus_handler(self, info) -> None:
         """SIGBUS taken by the io thread: what qemu-kvm 0.12's ``sigbus_handler`` did

@@ -188,3 +188,19 @@ def test_qemu_run_timers_takes_a_timer_off_before_its_callback():
         with loop.lock:
             assert loop.qemu_run_timers() == 1
         assert calls == [False] and t.qemu_timer_pending()
+
+
+@pytest.mark.kvm
+def test_with_signal_mask_kicks_the_vcpu_thread_takes_its_own_sigbus():
+    """0.12's setup_kernel_sigmask lets SIGBUS interrupt KVM_RUN, and the vCPU
+    thread takes it itself (kvm_main_loop_wait -> kvm_on_sigbus); the io
+    thread's signalfd never sees that one."""
+    with Vmm("--kernel", "spin", "--kick", "signal_mask") as vmm:
+        tid = vmm.wait_for_thread("CPU 0/KVM")
+        _tgkill(vmm.pid, tid, signal.SIGBUS)
+        # Not a memory error: the vCPU thread re-raises it, as 0.12's
+        # kvm_on_sigbus -> sigbus_reraise did, and the VMM dies of it.  The
+        # kernel says SI_TKILL (-6); glibc's sigtimedwait folds that into
+        # SI_USER (0) (sysdeps/unix/sysv/linux/sigtimedwait.c), a signalfd would not.
+        assert vmm.wait(10) == -signal.SIGBUS
+        assert "CPU 0/KVM: SIGBUS (si_code 0) is not a memory error: re-raised" in vmm.stderr()
