@@ -145,6 +145,10 @@ def _cover_closed_stdio() -> frozenset[int]:
         if null != fd:  # a lower slot was free too and got it; can only be one of ours
             os.dup2(null, fd)
             os.close(null)
+    if 2 in closed and sys.stderr is None:
+        # Python found fd 2 closed and set sys.stderr to None, and print(file=None)
+        # writes to *stdout*: qkio's messages must not land in the guest's output.
+        sys.stderr = open(2, "w", closefd=False)
     return frozenset(closed)
 
 

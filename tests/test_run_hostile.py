@@ -171,6 +171,14 @@ def test_closed_stdio_is_no_input_and_no_output(which):
     assert result.stdout == (b"" if which != "stdin" else b"Hello from qkio's guest\n")
 
 
+def test_closed_stderr_keeps_messages_out_of_stdout():
+    """Python sets sys.stderr to None when fd 2 is closed, and print(file=None)
+    goes to stdout: qkio's one line must not land among the guest's output."""
+    result = subprocess.run(f"{' '.join(QKIO_RUN)} --kernel spin --timeout 0.5 2>&-", shell=True, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    assert result.returncode == 124 and result.stdout == b"", result.stdout
+
+
 @pytest.mark.parametrize("backend", ["select", "poll", "epoll"])
 @pytest.mark.parametrize("stdin", ["devnull", "regular"])
 def test_any_backend_reads_devnull_and_regular_file_stdin(backend, stdin, tmp_path):
