@@ -123,10 +123,7 @@ qkio_book_kvm_unusable = KVM_UNUSABLE or ""
 
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
-# Every object is documented under its own module (docs/api/), so viewcode
-# need not chase imports -- chasing them led it to a "builtins" source page
-# it never writes, a broken link in _modules/index.html.
-viewcode_follow_imported_members = False
+
 autodoc_typehints = "signature"   # types once, in the signature; the docstring says the rest
 
 # -- HTML ------------------------------------------------------------------------

@@ -154,8 +154,20 @@ def _public_signature(app, what, name, obj, options, signature, return_annotatio
     return signature, return_annotation
 
 
+def _viewcode_stays_in_qkio(app, modname, attribute):
+    """viewcode follows an attribute to the module that defines its value; for a
+    value of a built-in type (a ``MappingProxyType`` default, say) that is
+    ``builtins``, which has no source page: its link in _modules/index.html
+    would be broken.  Keep such attributes in the module that documents them."""
+    from sphinx.ext.viewcode import _get_full_modname
+
+    followed = _get_full_modname(modname, attribute)
+    return modname if followed == "builtins" else followed
+
+
 def setup(app):
     app.connect("autodoc-process-signature", _public_signature)
+    app.connect("viewcode-follow-imported", _viewcode_stays_in_qkio)
     app.add_config_value("qkio_book_kvm_unusable", "", "env")
     app.add_config_value("qkio_book_fallback", [], "env")
     app.connect("config-inited", _log_fallback)
