@@ -18,7 +18,7 @@ What a kernel sees, as under QEMU 7.2
 * The kernel command line is the kernel's path, a space, and the
   ``-append`` text -- so with nothing appended it ends in a space.  For the
   ``cmdline`` test kernel at ``/img/cmdline.elf`` run without ``-append``,
-  QEMU itself prints ``cmdline='/img/cmdline.elf '`` (see tests/test_boot_kernels.py).
+  QEMU itself prints ``cmdline='/img/cmdline.elf '`` (the test suite runs it under QEMU).
 * Right after the kernel, at the next page boundary, one buffer holds the
   module list (16 bytes per module), then the modules' command lines, then
   the kernel's, then the boot loader's name.  The modules follow, each on a

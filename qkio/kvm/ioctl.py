@@ -8,7 +8,7 @@ An ioctl request number packs four fields into 32 bits::
     bits  7..0   "nr", the command number
 
 so ``KVM_GET_REGS = _IOR(KVMIO, 0x81, struct kvm_regs)`` is only correct if our
-``kvm_regs`` has the kernel's size.  ``tests/test_kvm_layout.py`` compiles a C
+``kvm_regs`` has the kernel's size.  The test suite's layout test (``test_kvm_layout.py``) compiles a C
 program against the real ``<linux/kvm.h>`` and checks every number below.
 
 Why ctypes and not ``fcntl.ioctl``

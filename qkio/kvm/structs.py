@@ -2,7 +2,7 @@
 
 Each class mirrors the kernel's struct field for field, in the same order and
 with the same C types, so ctypes lays it out as the C compiler does.  Nothing
-here is trusted by eye: ``tests/test_kvm_layout.py`` compiles a C program
+here is trusted by eye: the test suite's layout test (``test_kvm_layout.py``) compiles a C program
 against the installed ``<linux/kvm.h>`` and compares every size and every
 field offset with these classes.
 
