@@ -8,11 +8,11 @@ KVM API reuses them for its smaller guests.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from ..kvm import ExitReason, GuestMemory, Kvm
 
@@ -25,8 +25,13 @@ KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 #: isa-debug-exit's port: the guests write here when they are done.
 DEBUG_EXIT_PORT = 0xF4
 
-#: One exit as :func:`run_by_hand` saw it.
-Exit = collections.namedtuple("Exit", "reason direction port size data", defaults=(None,) * 4)
+class Exit(NamedTuple):
+    """One exit as :func:`run_by_hand` saw it."""
+    reason: str
+    direction: str | None = None
+    port: int | None = None
+    size: int | None = None
+    data: bytes | None = None
 
 
 def assemble(source: str) -> tuple[bytes, dict[str, int]]:
@@ -58,7 +63,7 @@ def run_by_hand(vcpu, *, answer_in: int | None = None, limit: int = 1000) -> lis
     Returns every exit taken. An IN gets ``answer_in`` if it is given;
     otherwise we leave the data as the kernel handed it to us.
     """
-    exits = []
+    exits: list[Exit] = []
     while len(exits) < limit:
         reason = ExitReason(vcpu.run())
         if reason != ExitReason.IO:
