@@ -140,10 +140,11 @@ def test_pio():
     json.dumps(r)
     for d in r["per_exit_us"].values():
         well_formed(d, 1)
-    # QEMU's figure is a difference of two process runs: with 500 exits
-    # between them its start-up jitter dominates and may even make it negative.
-    assert r["per_exit_us"]["qkio"]["p50"] > 0 and r["per_exit_us"]["c"]["p50"] > 0
-    assert r["per_exit_us"]["qkio unowned"]["p50"] > 0
+    # No sign is asserted: every per-exit figure is a difference of two timed
+    # runs, and with 500 exits between them a busy host can make T(small)
+    # longer than T(N) (seen: qkio's p50 -52.8 us beside two CPU hogs).  The
+    # law is the exit count, which run() checks for qkio and C (N + 1 IO
+    # exits, or it raises).
     assert r["ports"]["qkio"] == 0x3FF and r["ports"]["qkio unowned"] == 0x500
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
     if "qemu" in r["per_exit_us"]:
