@@ -164,6 +164,7 @@ def load(cdp: Cdp, page: str) -> dict:
           inClosedDetails: !!img.closest("details:not([open])"),
         })),
         links: [...document.querySelectorAll("a[href]")].map(a => a.href),
+        downloads: [...document.querySelectorAll("a.download, a[download]")].map(a => a.href),
         // The text column: the article's content box.  Anything inside it that
         // is wider, or that scrolls sideways, makes the reader scroll.
         ...(() => {
@@ -419,3 +420,31 @@ def test_every_chapter_is_a_page():
     assert chapters, "no chapters in notebooks/"
     missing = [c for c in chapters if not (HTML / "notebooks" / f"{c}.html").is_file()]
     assert not missing, f"chapters not in the built book (stale build, or not in a toctree?): {missing}"
+
+
+# A chapter draws a trace when its code calls plot_timeline; the page then
+# offers that trace (Sphinx's {download} role copies it into _downloads/) and
+# says where to open it.
+TRACE_CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9]*.md")
+                        if "plot_timeline(" in p.read_text(encoding="utf-8"))
+
+
+def test_some_chapters_draw_traces():
+    assert TRACE_CHAPTERS, "no chapter calls plot_timeline: TRACE_CHAPTERS below checks nothing"
+
+
+@pytest.mark.parametrize("chapter", TRACE_CHAPTERS)
+def test_chapter_offers_its_trace(browser, chapter):
+    """Each drawn trace can be downloaded as Chrome trace JSON, with a word on where to open it."""
+    info = load(browser, f"notebooks/{chapter}.html")
+    traces = [h for h in info["downloads"] if h.endswith(".trace.json")]
+    assert traces, f"{chapter}: no download link to a .trace.json file"
+    assert any(urllib.parse.urlsplit(h).netloc == "ui.perfetto.dev" for h in info["links"]), \
+        f"{chapter}: the page does not say to open its trace at https://ui.perfetto.dev"
+    for href in traces:
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(href).path))
+        assert path.is_relative_to(HTML / "_downloads") and path.is_file(), f"{chapter}: {href} is not in _downloads"
+        trace = json.loads(path.read_text(encoding="utf-8"))
+        events = trace.get("traceEvents") if isinstance(trace, dict) else None
+        assert events and any(e.get("ph") in ("B", "X") for e in events), \
+            f"{chapter}: {path.name} has no traceEvents with slices"
