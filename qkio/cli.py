@@ -4,7 +4,7 @@
 [--memory MiB] [--timeout S] [--signals ...] [--clock ...] [--notify ...] [--drive file=IMG]
 [--virtio-notify vcpu|main|iothread] [--trace FILE]``
 
-The order of the first steps of :func:`run_main` is the point of the whole
+The order of the first steps of ``run_main`` (its comments) is the point of the whole
 design, so it is spelled out there: signals are blocked before any thread
 exists, because every thread created later inherits the mask of the thread
 that created it (qemu-kvm 0.12 blocked them in ``kvm_main_loop``, after its
@@ -87,6 +87,13 @@ def _early_signals() -> set[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``qkio`` command: ``qkio run ...`` or ``qkio bench ...``.
+
+    :param argv: the arguments after the program's name (default: ``sys.argv[1:]``).
+    :returns: the exit status (``qkio run --help`` lists them).  For this
+        process's own command line (``argv`` None), ``qkio run`` exits with
+        it instead, as QEMU does.
+    """
     own_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] != ["run"]:

@@ -134,31 +134,38 @@ class MachineConfig(Record):
     """Everything a :class:`Machine` is built from, in one value (as Firecracker's
     ``VmConfig``): ``Machine(MachineConfig(smp=2, signals="thread"))``.
 
-    ``memory_mib``, ``smp``: RAM (2..3072 MiB) and vCPUs (1..64).
-    ``signals``: ``None`` (the machine takes no signals; right for a library
-    or a notebook), or ``"signalfd"``, ``"thread"``, ``"async"``
-    (:class:`qkio.signals.SignalSource`); ``force_signalfd_failure`` makes
-    signalfd fail as on a pre-2.6.22 kernel.  ``notify``: ``"eventfd"`` or
-    ``"pipe"``.  ``backend``: ``"select"``, ``"poll"`` or ``"epoll"``.
-    ``kick``: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
-    ``exit_path``: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
-    ``"python"``, or None for native when it was built at install.
-    ``console``: called with each chunk the UART transmits (default: stdout,
-    written by the io thread through :class:`qkio.chardev.CharOutput`).
-    ``tracer``: a :class:`qkio.trace.Tracer` (default: the process's).
-    ``log``: called with one-line messages (default: stderr, ``qkio:`` first).
-    ``drives``, ``virtio_notify``, ``virtio_aio``: virtio-blk disks
-    (:mod:`qkio.virtio`).
-    ``pit``: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.
-    Off by default: no qkio guest programs the timer, and the PIT is a
-    kernel worker thread (``kvm-pit/<pid>``) that KVM starts when the PIT is
-    created and stops when the VM is destroyed -- on this book's host that
-    stop alone takes longer than the rest of a whole run's teardown (see
-    ``qkio bench startup``).  Without it, the PIT's ports are ports nobody
-    owns: writes are dropped, reads return all ones.
-    ``clock``: ``"deadline"`` (the next timer deadline is the wait's timeout,
-    as modern QEMU) or ``"alarm"`` (0.12's dynticks: a POSIX timer's SIGALRM
-    through the signal path; needs ``signals``), :mod:`qkio.alarm_timer`.
+    :param memory_mib: guest RAM, 2..3072 MiB.
+    :param smp: vCPUs, 1..64.
+    :param signals: ``None`` (the machine takes no signals; right for a library
+        or a notebook), or ``"signalfd"``, ``"thread"``, ``"async"``
+        (:class:`qkio.signals.SignalSource`).
+    :param notify: the io thread's doorbell, ``"eventfd"`` or ``"pipe"``.
+    :param backend: the io thread's wait, ``"select"``, ``"poll"`` or ``"epoll"``.
+    :param kick: ``"immediate_exit"`` or ``"signal_mask"`` (:mod:`qkio.cpus`).
+    :param exit_path: ``"native"`` (port I/O completed in C, :mod:`qkio.native`),
+        ``"python"``, or None for native when it was built at install.
+    :param console: called with each chunk the UART transmits (default: stdout,
+        written by the io thread through :class:`qkio.chardev.CharOutput`).
+    :param tracer: a :class:`qkio.trace.Tracer` (default: the process's).
+    :param force_signalfd_failure: make signalfd fail as on a pre-2.6.22 kernel.
+    :param log: called with one-line messages (default: stderr, ``qkio:`` first).
+    :param drives: virtio-blk disks, each ``(path, readonly, serial)``
+        (:class:`qkio.virtio.blk.VirtIOBlock`).
+    :param virtio_notify: which thread takes a virtqueue notify: ``"vcpu"``,
+        ``"main"`` or ``"iothread"`` (``--virtio-notify``, :mod:`qkio.virtio.board`).
+    :param virtio_aio: which thread does a request's I/O: ``"sync"`` or
+        ``"paio"`` (``--virtio-aio``, :mod:`qkio.virtio.board`).
+    :param pit: also create KVM's in-kernel PIT (i8254), as qemu-kvm 0.12 did.
+        Off by default: no qkio guest programs the timer, and the PIT is a
+        kernel worker thread (``kvm-pit/<pid>``) whose stop, when the VM is
+        destroyed, takes longer on this book's host than the rest of a whole
+        run's teardown (see ``qkio bench startup``).  Without it the PIT's
+        ports are owned by nobody: writes are dropped, reads return all ones.
+    :param clock: ``"deadline"`` (the next timer deadline is the wait's
+        timeout, as modern QEMU) or ``"alarm"`` (0.12's dynticks: a POSIX
+        timer's SIGALRM through the signal path; needs ``signals``),
+        :mod:`qkio.alarm_timer`.
+    :raises ValueError: a field out of range, or ``clock="alarm"`` without ``signals``.
     """
     memory_mib: int = 32
     smp: int = 1
@@ -189,22 +196,17 @@ class MachineConfig(Record):
 
 
 class Machine:
-    # What _build makes.  They are None before it and after close() (hence the
-    # "type: ignore"s where they are set to None): in between, which is when
-    # any method but close() runs, they are always there.
-    kvm: Kvm
-    vm: Vm
-    memory: GuestMemory
-    loop: MainLoop
-    signal_source: SignalSource | None
-    paio: PosixAioState | None
     """A KVM virtual machine run the qemu-kvm way.
 
-    Built from a :class:`MachineConfig` -- ``Machine(config)`` -- or, the
-    same thing, from its fields as keywords: ``Machine(smp=2)`` is
-    ``Machine(MachineConfig(smp=2))``, and ``Machine(config, smp=2)`` is
-    ``config`` with ``smp`` changed.  ``machine.config`` is what it was
-    built from.
+    ``Machine(smp=2)`` is ``Machine(MachineConfig(smp=2))``, and
+    ``Machine(config, smp=2)`` is ``config`` with ``smp`` changed;
+    ``machine.config`` is what it was built from.
+
+    :param config: what to build (default: ``MachineConfig()``).
+    :param fields: :class:`MachineConfig` fields, given or changed as keywords.
+    :raises ValueError: a field out of range (:class:`MachineConfig`).
+    :raises ~qkio.errors.KvmUnavailable: ``/dev/kvm`` cannot be used.
+    :raises ~qkio.errors.MachineStateError: ``signals="async"`` outside the main thread.
 
     Lifecycle
     ---------
@@ -234,6 +236,15 @@ class Machine:
     can be built in any thread; ``signals="async"`` needs the main thread
     (Python runs signal handlers there and nowhere else).
     """
+    # What _build makes.  They are None before it and after close() (hence the
+    # "type: ignore"s where they are set to None): in between, which is when
+    # any method but close() runs, they are always there.
+    kvm: Kvm
+    vm: Vm
+    memory: GuestMemory
+    loop: MainLoop
+    signal_source: SignalSource | None
+    paio: PosixAioState | None
 
     def __init__(self, config: MachineConfig | None = None, /, **fields):
         if config is None:

@@ -369,10 +369,16 @@ class QEMUBH:
 class MainLoop:
     """The io thread's state: handler registry, timers, BHs, notifier, lock, backend.
 
-    ``MainLoop(backend="select", notifier="eventfd", lock=None, tracer=None)``.
     The notifier's read end is registered at once with its ``drain`` as read
-    handler (qemu-kvm's ``io_thread_wakeup``).  ``lock`` defaults to a new
-    ``GlobalMutex``; the machine passes the one its vCPU threads share.
+    handler (qemu-kvm's ``io_thread_wakeup``).
+
+    :param backend: how ``main_loop_wait`` waits: ``"select"``, ``"poll"`` or ``"epoll"``.
+    :param notifier: the doorbell other threads ring, ``"eventfd"`` or ``"pipe"``
+        (qemu-kvm's event pipe), or an :class:`~qkio.notify.EventNotifier` to share.
+    :param lock: the global mutex (default: a new
+        :class:`~qkio.bql.GlobalMutex`); a machine passes the one its vCPU
+        threads share.
+    :param tracer: a :class:`qkio.trace.Tracer` (default: the process's).
     """
 
     def __init__(self, backend: str = "select", notifier: str | EventNotifier = "eventfd",
