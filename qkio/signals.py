@@ -255,9 +255,14 @@ def threads_taking(signo: int) -> list[int]:
     return sorted(open_to_it)
 
 
-def blocked_signals(tid: int | str = "self") -> set[int]:
-    """The signals blocked by thread ``tid`` of this process (SigBlk in /proc)."""
-    path = "/proc/self/status" if tid == "self" else f"/proc/self/task/{tid}/status"
+def blocked_signals(tid: int | str = "self", pid: int | str = "self") -> set[int]:
+    """The signals blocked by thread ``tid`` of process ``pid`` (SigBlk in /proc).
+
+    ``tid="self"`` with another ``pid`` reads that process's main thread."""
+    if tid == "self":
+        path = f"/proc/{pid}/status"
+    else:
+        path = f"/proc/{pid}/task/{tid}/status"
     with open(path, encoding="ascii") as f:
         for line in f:
             if line.startswith("SigBlk:"):

@@ -10,7 +10,7 @@ import pytest
 
 from qkio import lab
 from qkio.lab.strace import _group_strace
-from qkio.signals import REALTIME_SIGNALS, VMM_SIGNALS
+from qkio.signals import REALTIME_SIGNALS, VMM_SIGNALS, blocked_signals
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 
@@ -21,12 +21,7 @@ def spin():
 
 
 def _sigblk(pid, tid):
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            if line.startswith("SigBlk:"):
-                bits = int(line.split()[1], 16)
-                return {n + 1 for n in range(64) if bits >> n & 1}
-    raise AssertionError("no SigBlk line")
+    return blocked_signals(tid, pid=pid)
 
 
 @pytest.mark.kvm

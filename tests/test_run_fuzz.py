@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from helpers.vmm import QKIO_RUN, ROOT, demo_guest
+from helpers.vmm import QKIO_RUN, ROOT, demo_guest, sigterm_blocked
 
 pytestmark = pytest.mark.kvm
 
@@ -37,15 +37,6 @@ DOCUMENTED = {0, 1, 2, 124, 33}  # 33: hello and flood write 16 to isa-debug-exi
 F_SETPIPE_SZ = 1031
 
 
-def _sig_blocked(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigBlk:"):
-                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
 
 
 def _case(rng: random.Random, tmp) -> dict:
@@ -121,7 +112,7 @@ def _run(case: dict, tmp) -> tuple[int | None, str, float]:
     try:
         bound = 8.0
         if case["signal"] is not None:
-            while not _sig_blocked(proc.pid) and proc.poll() is None and time.monotonic() - start < 5:
+            while not sigterm_blocked(proc.pid) and proc.poll() is None and time.monotonic() - start < 5:
                 time.sleep(0.001)
             time.sleep(case["delay"])
             if proc.poll() is None:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from helpers.vmm import QKIO_RUN, ROOT, run_qkio, test_kernel, wait_until
+from helpers.vmm import QKIO_RUN, ROOT, run_qkio, sigterm_blocked, test_kernel, wait_until
 
 F_SETPIPE_SZ = 1031
 SIGNAL_PATHS = ("signalfd", "thread", "async")
@@ -255,15 +255,6 @@ def test_initrd_of_only_commas_names_the_problem():
 # --- signals during start-up (section 5) ------------------------------------------
 
 
-def _sigblk_has_sigterm(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigBlk:"):
-                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-    except OSError:
-        pass
-    return False
 
 
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP])
@@ -278,7 +269,7 @@ def test_signal_at_the_first_moment_of_main_acts_as_it_would_later(path, signo):
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True, cwd=ROOT)
     try:
-        while not _sigblk_has_sigterm(proc.pid):
+        while not sigterm_blocked(proc.pid):
             assert proc.poll() is None
         proc.send_signal(signo)
         status = proc.wait(20)

@@ -214,3 +214,13 @@ def open_fds() -> set[str]:
         except FileNotFoundError:  # the fd listdir itself used
             pass
     return out
+
+
+def sigterm_blocked(pid: int) -> bool:
+    """Whether ``pid``'s main thread blocks SIGTERM yet (False once it is gone):
+    ``qkio run`` blocks the VMM's signals as the first thing ``main()`` does."""
+    from qkio.signals import blocked_signals
+    try:
+        return signal.SIGTERM in blocked_signals(pid=pid)
+    except OSError:
+        return False
