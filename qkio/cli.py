@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     _block_run_signals()
     try:
         closed = _cover_closed_stdio()
-        args = build_parser().parse_args(argv)
+        args = _parse_run_plainly(argv[1:]) or build_parser().parse_args(argv)
         status = run_main(args, closed=closed)
     except KeyboardInterrupt:
         # SIGINT taken by Python's own handler before the block above: the
@@ -190,6 +190,124 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _option(*flags: str, **settings) -> tuple[tuple[str, ...], dict]:
+    """One ``qkio run`` option: its flags and ``add_argument``'s keywords, kept
+    as data so that argparse (``build_parser``) and ``_parse_run_plainly`` read
+    the one table."""
+    return flags, settings
+
+
+#: ``qkio run``'s options, in --help's order.
+RUN_OPTIONS = (
+    _option("--kernel", required=True, metavar="FILE",
+            help="a Multiboot (v1) ELF kernel, or the name of a qkio demo guest"),
+    _option("--append", default="", metavar="ARGS", help="kernel command line (after the kernel's path)"),
+    _option("--initrd", metavar="FILES", help="Multiboot modules, comma-separated, as QEMU's -initrd"),
+    _option("--smp", type=_int_range("--smp", *SMP_RANGE), default=1, metavar="N",
+            help=f"number of vCPUs, {SMP_RANGE[0]} to {SMP_RANGE[1]} (default 1)"),
+    _option("--memory", "-m", type=_int_range("--memory", *MEMORY_RANGE, " MiB"), default=128,
+            metavar="MiB", help=f"guest RAM, {MEMORY_RANGE[0]} to {MEMORY_RANGE[1]} MiB (default 128)"),
+    _option("--timeout", type=_seconds, metavar="SECONDS",
+            help=f"stop a guest still running after this long (0 < SECONDS <= {TIMEOUT_MAX:g})"),
+    _option("--signals", choices=("signalfd", "thread", "async"), default="signalfd",
+            help="how the io thread takes signals (default signalfd)"),
+    _option("--notify", choices=("eventfd", "pipe"), default="eventfd",
+            help="the event notifier behind qemu_notify_event (default eventfd)"),
+    _option("--backend", choices=("select", "poll", "epoll"), default="select",
+            help="the wait in main_loop_wait (default select)"),
+    _option("--kick", choices=("immediate_exit", "signal_mask"), default="immediate_exit",
+            help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)"),
+    _option("--clock", choices=("deadline", "alarm"), default="deadline",
+            help="what wakes the io thread for a timer: deadline = the next timer's deadline "
+                 "is the wait's timeout (modern QEMU; default); alarm = a POSIX timer's "
+                 "SIGALRM through the --signals path (qemu-kvm 0.12's dynticks)"),
+    _option("--exit-path", choices=("native", "python"), default=None,
+            help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
+                 "loop (default: native when it was built at install, else python, with a note)"),
+    _option("--drive", action="append", default=[], metavar="file=IMG[,readonly=on][,serial=S]",
+            help="a raw disk image as a virtio-blk device on virtio-mmio, placed as QEMU's microvm "
+                 "places them (first at 0xfeb00e00, IRQ 12); may be repeated"),
+    _option("--virtio-notify", default="vcpu", metavar="MODE",
+            help="who takes a virtio queue notify: vcpu (an MMIO exit in the vCPU thread), main "
+                 "(KVM_IOEVENTFD, the io thread under the global lock) or iothread (KVM_IOEVENTFD "
+                 "and KVM_IRQFD in an IOThread that never takes the lock); QEMU-like spellings "
+                 "ioeventfd=off, ioeventfd=on, iothread=io0 mean the same (default vcpu)"),
+    _option("--virtio-aio", default="sync", metavar="MODE",
+            help="who does a virtio-blk request's I/O: sync (preadv/pwritev in the thread that took "
+                 "the notify) or paio (qemu-kvm 0.12's posix-aio-compat workers, completing through "
+                 "SIGUSR2 and the io thread; not with --virtio-notify iothread) (default sync)"),
+    _option("--pit", action="store_true",
+            help="also create KVM's in-kernel PIT, as qemu-kvm 0.12 did (off: no demo guest uses "
+                 "it, and stopping its kernel thread makes every run end later)"),
+    _option("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file "
+            "(a regular file; checked before the guest starts)"),
+)
+
+
+def _parse_run_plainly(argv: list[str]):
+    """``qkio run``'s options (``argv`` after ``run``) read without argparse, or
+    None: then argparse reads them, and gives its verdict and its message.
+
+    Why: importing argparse (and the gettext and locale it brings) and building
+    the parser was the largest single piece of what qkio adds to a run's
+    start-up (``qkio bench startup``), and a well-formed command line does not
+    need it.  Only what argparse would read the same way is taken here: each
+    option spelled in full (``--name value``, ``--name=value``, ``-m value``),
+    no value that starts with a dash or is empty, every value through the
+    option's own ``type`` and ``choices``, ``--kernel`` present.  Anything
+    else -- ``--help``, an abbreviation, a mistake -- is argparse's, so no
+    message changes.  A test checks the result against argparse's.
+    """
+    import types  # the interpreter has loaded it already
+    by_flag = {flag: (flags, settings) for flags, settings in RUN_OPTIONS for flag in flags}
+    values: dict = {}  # option -> value, of each option's own type
+    for flags, settings in RUN_OPTIONS:
+        default = settings.get("default", False if settings.get("action") == "store_true" else None)
+        values[_dest(flags)] = list(default) if isinstance(default, list) else default
+    given = set()
+    i = 0
+    while i < len(argv):
+        name, equals, value = argv[i].partition("=") if argv[i].startswith("--") else (argv[i], "", "")
+        i += 1
+        if name not in by_flag:
+            return None
+        flags, settings = by_flag[name]
+        dest, action = _dest(flags), settings.get("action")
+        given.add(dest)
+        if action == "store_true":
+            if equals:
+                return None
+            values[dest] = True
+            continue
+        if not equals:
+            if i == len(argv):
+                return None
+            value = argv[i]
+            i += 1
+        if not value or value.startswith("-"):
+            return None
+        if "type" in settings:
+            try:
+                value = settings["type"](value)
+            except Exception:  # argparse's own message, from argparse
+                return None
+        if value not in settings.get("choices", (value,)):
+            return None
+        if action == "append":
+            values[dest].append(value)
+        else:
+            values[dest] = value
+    if any(settings.get("required") and _dest(flags) not in given for flags, settings in RUN_OPTIONS):
+        return None
+    return types.SimpleNamespace(command="run", **values)
+
+
+def _dest(flags: tuple[str, ...]) -> str:
+    """The attribute an option is stored in, named as argparse names it (first long flag)."""
+    long = next(flag for flag in flags if flag.startswith("--"))
+    return long[2:].replace("-", "_")
+
+
 def _argparse():
     import argparse  # here, not at the top: main() blocks signals first
     return argparse
@@ -266,48 +384,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest", epilog=EPILOG,
                          formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))
-    run.add_argument("--kernel", required=True, metavar="FILE",
-                     help="a Multiboot (v1) ELF kernel, or the name of a qkio demo guest")
-    run.add_argument("--append", default="", metavar="ARGS", help="kernel command line (after the kernel's path)")
-    run.add_argument("--initrd", metavar="FILES", help="Multiboot modules, comma-separated, as QEMU's -initrd")
-    run.add_argument("--smp", type=_int_range("--smp", *SMP_RANGE), default=1, metavar="N",
-                     help=f"number of vCPUs, {SMP_RANGE[0]} to {SMP_RANGE[1]} (default 1)")
-    run.add_argument("--memory", "-m", type=_int_range("--memory", *MEMORY_RANGE, " MiB"), default=128,
-                     metavar="MiB", help=f"guest RAM, {MEMORY_RANGE[0]} to {MEMORY_RANGE[1]} MiB (default 128)")
-    run.add_argument("--timeout", type=_seconds, metavar="SECONDS",
-                     help=f"stop a guest still running after this long (0 < SECONDS <= {TIMEOUT_MAX:g})")
-    run.add_argument("--signals", choices=("signalfd", "thread", "async"), default="signalfd",
-                     help="how the io thread takes signals (default signalfd)")
-    run.add_argument("--notify", choices=("eventfd", "pipe"), default="eventfd",
-                     help="the event notifier behind qemu_notify_event (default eventfd)")
-    run.add_argument("--backend", choices=("select", "poll", "epoll"), default="select",
-                     help="the wait in main_loop_wait (default select)")
-    run.add_argument("--kick", choices=("immediate_exit", "signal_mask"), default="immediate_exit",
-                     help="how vCPUs are kicked out of KVM_RUN (default immediate_exit)")
-    run.add_argument("--clock", choices=("deadline", "alarm"), default="deadline",
-                     help="what wakes the io thread for a timer: deadline = the next timer's deadline "
-                          "is the wait's timeout (modern QEMU; default); alarm = a POSIX timer's "
-                          "SIGALRM through the --signals path (qemu-kvm 0.12's dynticks)")
-    run.add_argument("--exit-path", choices=("native", "python"), default=None,
-                     help="who completes port I/O exits: the C loop of qkio.native or the pure-Python "
-                          "loop (default: native when it was built at install, else python, with a note)")
-    run.add_argument("--drive", action="append", default=[], metavar="file=IMG[,readonly=on][,serial=S]",
-                     help="a raw disk image as a virtio-blk device on virtio-mmio, placed as QEMU's microvm "
-                          "places them (first at 0xfeb00e00, IRQ 12); may be repeated")
-    run.add_argument("--virtio-notify", default="vcpu", metavar="MODE",
-                     help="who takes a virtio queue notify: vcpu (an MMIO exit in the vCPU thread), main "
-                          "(KVM_IOEVENTFD, the io thread under the global lock) or iothread (KVM_IOEVENTFD "
-                          "and KVM_IRQFD in an IOThread that never takes the lock); QEMU-like spellings "
-                          "ioeventfd=off, ioeventfd=on, iothread=io0 mean the same (default vcpu)")
-    run.add_argument("--virtio-aio", default="sync", metavar="MODE",
-                     help="who does a virtio-blk request's I/O: sync (preadv/pwritev in the thread that took "
-                          "the notify) or paio (qemu-kvm 0.12's posix-aio-compat workers, completing through "
-                          "SIGUSR2 and the io thread; not with --virtio-notify iothread) (default sync)")
-    run.add_argument("--pit", action="store_true",
-                     help="also create KVM's in-kernel PIT, as qemu-kvm 0.12 did (off: no demo guest uses "
-                          "it, and stopping its kernel thread makes every run end later)")
-    run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace-event JSON file "
-                     "(a regular file; checked before the guest starts)")
+    for flags, settings in RUN_OPTIONS:
+        run.add_argument(*flags, **settings)
     _list_in_help(run, "demo guests (--kernel NAME; built from source on first use)", _demo_guests)
     bench = sub.add_parser("bench", help="run the benchmarks",
                            formatter_class=_formatter(argparse.RawDescriptionHelpFormatter))
@@ -447,8 +525,7 @@ def _run_machine(args, closed, trace, QkioError, Machine, trace_fd) -> int:
     if args.exit_path is None and machine.cpus[0].exit_path == "python":
         from . import native
         print(f"qkio: note: using the Python exit loop ({native.unavailable_reason})", file=sys.stderr)
-    import termios
-    tty = _Terminal(0, termios)
+    tty = _Terminal(0)
     status = None
     try:
         try:
@@ -493,15 +570,15 @@ class _Terminal:
     """Raw-ish input for a guest on a terminal, as QEMU's ``-serial stdio``: keys go
     to the guest one at a time, unechoed; Ctrl-C still signals the VMM (ISIG kept)."""
 
-    def __init__(self, fd: int, termios):
+    def __init__(self, fd: int):
         self.fd = fd
-        self.termios = termios
-        self.saved = None
+        self.saved: list | None = None
 
     def enter(self) -> None:
         if not os.isatty(self.fd):
             return
-        termios = self.termios
+        # Only now: a run whose stdin is not a terminal does not load termios at all.
+        import termios
         self.saved = termios.tcgetattr(self.fd)
         mode = termios.tcgetattr(self.fd)
         mode[3] &= ~(termios.ICANON | termios.ECHO)  # lflags
@@ -510,7 +587,8 @@ class _Terminal:
 
     def restore(self) -> None:
         if self.saved is not None:
-            self.termios.tcsetattr(self.fd, self.termios.TCSANOW, self.saved)
+            import termios  # loaded by enter(), which saved the mode
+            termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
             self.saved = None
 
 
