@@ -50,7 +50,6 @@ whose cable was pulled.  ``qkio run`` reports it in its one closing line.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import select
 import stat
@@ -107,6 +106,7 @@ def open_nonblocking_writer(fd: int) -> tuple[int, bool, str]:
 
 def _dup_above_2(fd: int) -> int:
     """A close-on-exec duplicate of ``fd`` numbered 3 or more."""
+    import fcntl  # only when 0, 1 or 2 was closed: an extension module costs every run start-up
     return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
 
 

@@ -58,7 +58,6 @@ interrupt anything.
 
 from __future__ import annotations
 
-import array
 import collections
 import errno
 import signal
@@ -188,8 +187,10 @@ class CpuThread:
         # Exits by reason, one slot per reason: a list index is the cheapest
         # counter there is, and this one is bumped on every exit.
         self._tally = [0] * 64
-        # Port accesses the native loop completed: it bumps this in place.
-        self._native_io_exits = array.array("Q", [0])
+        # Port accesses the native loop completed: it bumps this in place (one
+        # aligned uint64; a memoryview, not array('Q'), which would load the
+        # array extension module on every run's start-up for one counter).
+        self._native_io_exits = memoryview(bytearray(8)).cast("Q")
         self.kicks_sent = 0
         self.kicks_received = 0
         self.last_exit: int | None = None

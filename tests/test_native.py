@@ -237,6 +237,27 @@ def test_the_python_path_when_asked_and_the_reason_when_native_is_refused():
         Machine(exit_path="fast")
 
 
+def test_a_build_older_than_a_changed_source_is_refused(tmp_path):
+    """The stale-build check reads the source only when it was written after the
+    build -- and then refuses a build from other source; an older source is not read."""
+    changed = tmp_path / "cpu_exec.c"
+    changed.write_text("/* not the source the module was built from */\n")
+    code = ("import os, sys, qkio.native as n\n"
+            "from pathlib import Path\n"
+            "n.SOURCE = Path(sys.argv[1])\n"
+            "os.utime(n.SOURCE, ns=(int(sys.argv[2]), int(sys.argv[2])))\n"
+            "m = n.load()\n"
+            "print(m is not None, n.unavailable_reason, 'zlib' in sys.modules)\n")
+    later, earlier = time.time_ns() + 3600 * 10**9, 10**9  # source written after the build / long before
+    newer = subprocess.run([sys.executable, "-c", code, str(changed), str(later)],
+                           capture_output=True, text=True, timeout=60)
+    assert newer.returncode == 0, newer.stderr
+    assert newer.stdout.startswith("False qkio.native._cpu_exec was built from another cpu_exec.c")
+    older = subprocess.run([sys.executable, "-c", code, str(changed), str(earlier)],
+                           capture_output=True, text=True, timeout=60)
+    assert (older.returncode, older.stdout) == (0, "True None False\n"), older.stderr
+
+
 def test_bad_arguments_are_refused():
     run = native.load().run
     with Machine(memory_mib=2) as machine:

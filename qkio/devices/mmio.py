@@ -27,7 +27,6 @@ The differences from the port bus follow from the address space:
 
 from __future__ import annotations
 
-import bisect
 import sys
 from collections.abc import Callable
 
@@ -72,6 +71,7 @@ class MmioBus:
                 raise MmioConflict(
                     f"cannot register {name} at {base:#x}..{end - 1:#x}: it overlaps "
                     f"{other} ({other_base:#x}..{other_end - 1:#x})")
+        import bisect  # here and in find(): a run with no MMIO device never loads the extension
         at = bisect.bisect_right(self._bases, base)
         self._bases.insert(at, base)
         self._entries.insert(at, (base, end, device, name))
@@ -82,6 +82,9 @@ class MmioBus:
 
     def find(self, addr: int, size: int = 1):
         """``(device, offset)`` owning ``addr .. addr+size-1`` wholly, or None."""
+        if not self._bases:
+            return None
+        import bisect  # loaded by register() already
         at = bisect.bisect_right(self._bases, addr) - 1
         if at >= 0:
             base, end, device, _ = self._entries[at]

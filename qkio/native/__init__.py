@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parent / "cpu_exec.c"
@@ -45,7 +44,8 @@ def load():
     install builds the module in place) a module built from another
     ``cpu_exec.c`` than the one beside it is refused, so that a changed
     source is never tested against an old build; ``scripts/setup-env``
-    rebuilds it.
+    rebuilds it.  The source is read and compared only when it was written
+    after the module was built (:func:`_source_is_newer`).
     """
     global _loaded, _tried, unavailable_reason
     with _guard:
@@ -61,14 +61,34 @@ def load():
             unavailable_reason = (f"qkio.native.{MODULE} was not built when qkio was installed ({exc}); "
                                   "reinstall qkio where gcc and the Python headers are present")
             return None
-        built_from = getattr(module, "SOURCE_CRC32", None)
-        try:
-            current = zlib.crc32(SOURCE.read_bytes())
-        except OSError:  # an install without the source: nothing to compare
-            current = built_from
-        if built_from != current:
+        if _source_is_newer(module.__file__) and not _built_from_source(module):
             unavailable_reason = (f"qkio.native.{MODULE} was built from another cpu_exec.c than "
                                   f"{SOURCE} (rebuild it: scripts/setup-env, or pip install -e .)")
             return None
         _loaded = module
         return module
+
+
+def _source_is_newer(built: str | None) -> bool:
+    """Whether ``cpu_exec.c`` was written after the module file ``built``.
+
+    Only then can the module be from another source: every build writes the
+    module after reading the source, and changing the source (an edit, a
+    checkout, a rebase) writes it later.  Checking the dates and nothing
+    else keeps the source's read and CRC-32 -- and zlib, an extension
+    module a run would otherwise load only for this -- off every ``qkio
+    run``'s start-up (``qkio bench startup``)."""
+    try:
+        return built is None or os.stat(SOURCE).st_mtime_ns > os.stat(built).st_mtime_ns
+    except OSError:  # an install without the source: nothing to compare
+        return False
+
+
+def _built_from_source(module) -> bool:
+    """Whether ``module`` records the CRC-32 of the ``cpu_exec.c`` beside it."""
+    import zlib
+    built_from = getattr(module, "SOURCE_CRC32", None)
+    try:
+        return built_from == zlib.crc32(SOURCE.read_bytes())
+    except OSError:  # the source went away meanwhile: nothing to compare
+        return True
