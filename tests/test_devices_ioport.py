@@ -158,3 +158,38 @@ def test_access_at_the_top_of_the_port_space():
     bus.register(0xFFFE, 2, dev, "top")
     assert bus.read(0xFFFF, 2) == 0xFF11
     assert dev.log == [("r", 1, 1)]
+
+
+class ByteRegisters(Recorder):
+    """A Recorder with a handler per byte register (as the UART has)."""
+
+    def __init__(self, length=2):
+        super().__init__()
+        self.byte_readers = tuple(lambda o=o: self._readb(o) for o in range(length))
+        self.byte_writers = tuple(lambda v, o=o: self.log.append(("wb", o, v)) for o in range(length))
+
+    def _readb(self, offset):
+        self.log.append(("rb", offset))
+        return 0x40 + offset
+
+
+def test_byte_accesses_use_the_byte_handlers_and_wider_ones_io_read_write():
+    bus, _ = quiet_bus()
+    dev = ByteRegisters()
+    bus.register(0x60, 2, dev, "kbd")
+    assert bus.read(0x61, 1) == 0x41
+    bus.write(0x60, 1, 0x1FF)           # cut to the byte, as for io_write
+    bus.read(0x60, 2)
+    bus.write(0x60, 2, 0xBEEF)
+    assert dev.log == [("rb", 1), ("wb", 0, 0xFF), ("r", 0, 2), ("w", 0, 2, 0xBEEF)]
+    assert bus.table[0x61] == (dev, 0x60, 2, dev.byte_readers, dev.byte_writers)
+    bus.register(0x70, 1, Recorder(), "plain")
+    assert bus.table[0x70][3:] == (None, None)
+
+
+@pytest.mark.parametrize("handlers", [[print, print], (print,), (print, 3)])
+def test_byte_handlers_must_be_a_tuple_of_one_callable_per_port(handlers):
+    dev = Recorder()
+    dev.byte_writers = handlers
+    with pytest.raises(ValueError, match="byte_writers must be a tuple of 2 callables"):
+        quiet_bus()[0].register(0x60, 2, dev, "kbd")

@@ -118,6 +118,67 @@ def test_every_access_size_both_ways_matches_the_python_path():
     assert [(port, is_write) for port, _, is_write in unassigned] == [(0x108, True), (0x200, False)]
 
 
+class ByteRegisters(Recorder):
+    """The Recorder with a handler per byte register, as the UART has: byte
+    accesses must go through them, wider ones through io_read/io_write."""
+
+    def __init__(self, machine):
+        super().__init__(machine)
+        self.byte_readers = tuple(lambda o=o: self._readb(o) for o in range(8))
+        self.byte_writers = tuple(lambda v, o=o: self._writeb(o, v) for o in range(8))
+
+    def _readb(self, offset):
+        self.log.append(("rb", offset, self.machine.lock.held_by_me()))
+        return 0xA0 + offset
+
+    def _writeb(self, offset, value):
+        self.log.append(("wb", offset, value, self.machine.lock.held_by_me()))
+
+
+def _run_byte_registers(exit_path):
+    with Machine(memory_mib=2, console=lambda data: None, log=lambda msg: None,
+                 exit_path=exit_path) as machine:
+        machine.bus.on_unassigned = lambda *a: None
+        dev = ByteRegisters(machine)
+        machine.bus.register(0x100, 8, dev, "byte-registers")
+        machine.load_flat(MIXED_IO, mode="real")
+        return machine.run(timeout=30), dev.log
+
+
+def test_byte_accesses_go_to_the_byte_handlers_on_both_paths():
+    native_run, python_run = _run_byte_registers("native"), _run_byte_registers("python")
+    assert native_run == python_run
+    status, log = native_run
+    assert status == 33
+    assert log == [
+        ("rb", 0, True), ("r", 2, 2, True), ("r", 4, 4, True),
+        ("w", 0, 4, 0xA7A6A5A4, True), ("w", 2, 2, 0xA3A2, True),
+        ("w", 1, 1, 0xA2, True), ("w", 2, 1, 0xA3, True),   # split by the bus's slow path,
+        ("w", 7, 1, 0xA2, True),                            # which calls io_write
+        ("wb", 0, 0xFF, True),
+    ]
+
+
+class BadByteReader:
+    byte_readers = (lambda: 0x100,)
+    byte_writers = None
+
+    def io_read(self, offset, size):
+        return 0
+
+    def io_write(self, offset, size, value):
+        pass
+
+
+def test_a_byte_reader_answering_more_than_a_byte_ends_the_run():
+    with Machine(memory_mib=2, console=lambda d: None, log=lambda m: None,
+                 exit_path="native") as machine:
+        machine.bus.register(0x100, 1, BadByteReader(), "bad")
+        machine.load_flat(_mov_dx(0x100) + b"\xEC\xEB\xFE", mode="real")  # in al, dx
+        assert machine.run(timeout=30) == STATUS_GUEST_FAILED
+        assert "OverflowError" in machine.exit_message and "not a byte" in machine.exit_message
+
+
 # Ports nobody owns, each touched twice: the first access is reported (once per
 # port, by PortBus, on the Python path), the second is completed in C.
 UNOWNED_IO = b"".join([

@@ -13,6 +13,15 @@ Python in qkio after the ``KVM_RUN`` loop itself.  The design follows from that:
   device was registered at, so one UART class serves COM1 at 0x3f8 and COM2 at
   0x2f8 alike.
 
+* A device made of byte registers (the UART) may also offer one handler per
+  register: ``byte_readers`` and ``byte_writers``, tuples with an entry per
+  port of its range, ``byte_readers[offset]() -> int`` answering exactly what
+  ``io_read(offset, 1)`` would and ``byte_writers[offset](value)`` doing
+  exactly what ``io_write(offset, 1, value)`` would.  A one-byte access then
+  costs one call instead of two (``io_write`` finding the register's handler
+  and calling it): qemu-kvm 0.12 kept a function per port and access size
+  (``ioport_write_table`` in qemu-kvm-0.12.3's ioport.c).
+
 * A device only ever sees an access that is naturally aligned (``offset`` a
   multiple of ``size``) and lies wholly inside its range.  Anything else -- a
   4-byte OUT that runs off the end of a device, an unaligned 2-byte IN -- is cut
@@ -69,6 +78,21 @@ class PortDevice(Protocol):
     def io_write(self, offset: int, size: int, value: int) -> None: ...
 
 
+#: A port's entry in :attr:`PortBus.table`: (device, base, length, byte_readers, byte_writers).
+Entry = tuple  # a plain alias: the precise tuple type would need typing at run time
+
+
+def _byte_handlers(device, attr: str, length: int, name: str) -> tuple | None:
+    """``device.<attr>`` checked: None, or a tuple of ``length`` callables."""
+    handlers = getattr(device, attr, None)
+    if handlers is None:
+        return None
+    if type(handlers) is not tuple or len(handlers) != length or not all(map(callable, handlers)):
+        raise ValueError(f"cannot register {name}: its {attr} must be a tuple of {length} "
+                         f"callables, one per port, not {handlers!r}")
+    return handlers
+
+
 def log_unassigned(port: int, size: int, is_write: bool) -> None:
     """Default :attr:`PortBus.on_unassigned`: one line on stderr."""
     unit = "byte" if size == 1 else "bytes"
@@ -94,8 +118,9 @@ class PortBus:
         self.on_unassigned = on_unassigned
         # One slot per port, plus 3 so an access starting at 0xffff can look at
         # the ports it would run into without a bounds check; those extra
-        # slots are never owned.  Each owned slot holds (device, base, length).
-        self._slots: list[tuple[PortDevice, int, int] | None] = [None] * (PORT_COUNT + 3)
+        # slots are never owned.  Each owned slot holds (device, base, length,
+        # byte_readers, byte_writers): see `table`.
+        self._slots: list[Entry | None] = [None] * (PORT_COUNT + 3)
         self._names: dict[int, str] = {}      # base -> name, for messages and regions()
         # One flag per port: 1 once the port, unowned, has been reported.  A
         # bytearray rather than a set so that qkio.native's exit loop can read
@@ -123,25 +148,30 @@ class PortBus:
                     f"cannot register {name} at {base:#x}..{base + length - 1:#x}: "
                     f"port {port:#x} already belongs to {self._names[other_base]} "
                     f"({other_base:#x}..{other_base + other_len - 1:#x})")
-        entry = (device, base, length)
+        entry = (device, base, length, _byte_handlers(device, "byte_readers", length, name),
+                 _byte_handlers(device, "byte_writers", length, name))
         for port in range(base, base + length):
             self._slots[port] = entry
         self._names[base] = name
 
     @property
-    def table(self) -> list[tuple[PortDevice, int, int] | None]:
+    def table(self) -> list[Entry | None]:
         """The port table itself, for the native exit loop (``qkio/native/cpu_exec.c``).
 
         This is the bus's contract with that file, documented on both sides:
         a ``list`` (exactly) of at least :data:`PORT_COUNT` entries, where
         entry ``port`` is None (nobody owns the port) or the tuple ``(device,
-        base, length)`` of the device that owns ``base .. base+length-1``.
-        The loop completes an access itself only when it is one of 1, 2 or 4
-        bytes, lies wholly inside its owner's range and is naturally aligned
-        there -- the conditions of :meth:`read`'s and :meth:`write`'s fast
-        paths -- by calling ``device.io_read(offset, size)`` or
-        ``device.io_write(offset, size, value)``; everything else comes back
-        to Python.  Read it, never change it: only :meth:`register` does.
+        base, length, byte_readers, byte_writers)`` of the device that owns
+        ``base .. base+length-1``, the last two being the device's tuples of
+        byte handlers (module docstring), or None if it has none.  The loop
+        completes an access itself only when it is one of 1, 2 or 4 bytes,
+        lies wholly inside its owner's range and is naturally aligned there
+        -- the conditions of :meth:`read`'s and :meth:`write`'s fast paths --
+        by calling ``byte_readers[offset]()`` or ``byte_writers[offset](value)``
+        for a byte where the device has them, else ``device.io_read(offset,
+        size)`` or ``device.io_write(offset, size, value)``; everything else
+        comes back to Python.  Read it, never change it: only
+        :meth:`register` does.
         """
         return self._slots
 
@@ -161,8 +191,10 @@ class PortBus:
         if size in _SIZES and 0 <= port < PORT_COUNT:
             entry = self._slots[port]
             if entry is not None:
-                device, base, length = entry
+                device, base, length, readers, _ = entry
                 offset = port - base
+                if size == 1 and readers is not None:
+                    return readers[offset]()
                 if offset + size <= length and not offset & (size - 1):
                     return device.io_read(offset, size)
         return self._read_slow(port, size)
@@ -175,8 +207,11 @@ class PortBus:
         if size in _SIZES and 0 <= port < PORT_COUNT:
             entry = self._slots[port]
             if entry is not None:
-                device, base, length = entry
+                device, base, length, _, writers = entry
                 offset = port - base
+                if size == 1 and writers is not None:
+                    writers[offset](value & 0xFF)
+                    return
                 if offset + size <= length and not offset & (size - 1):
                     device.io_write(offset, size, value & _ALL_ONES[size])
                     return

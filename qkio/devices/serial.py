@@ -159,11 +159,13 @@ class Serial:
         self.irq_level = 0
         self.reset()
         # Dispatch tables indexed by register offset: bound methods are built
-        # once here, so an access allocates nothing.
-        self._readers = (self._read_rbr, self._read_ier, self._read_iir,
+        # once here, so an access allocates nothing.  PortBus calls them
+        # directly for a byte access (its byte handlers), and so does the
+        # native exit loop: one call per access instead of two.
+        self.byte_readers = (self._read_rbr, self._read_ier, self._read_iir,
                          self._read_lcr, self._read_mcr, self._read_lsr,
                          self._read_msr, self._read_scr)
-        self._writers = (self._write_thr, self._write_ier, self._write_fcr,
+        self.byte_writers = (self._write_thr, self._write_ier, self._write_fcr,
                          self._write_lcr, self._write_mcr, self._write_ignored,
                          self._write_ignored, self._write_scr)
 
@@ -199,19 +201,19 @@ class Serial:
         accesses.
         """
         if size == 1:
-            return self._readers[offset & 7]()
+            return self.byte_readers[offset & 7]()
         value = 0
         for i in range(size):
-            value |= self._readers[(offset + i) & 7]() << (8 * i)
+            value |= self.byte_readers[(offset + i) & 7]() << (8 * i)
         return value
 
     def io_write(self, offset: int, size: int, value: int) -> None:
         """Write ``size`` bytes of ``value`` starting at register ``offset``."""
         if size == 1:
-            self._writers[offset & 7](value & 0xFF)
+            self.byte_writers[offset & 7](value & 0xFF)
             return
         for i in range(size):
-            self._writers[(offset + i) & 7]((value >> (8 * i)) & 0xFF)
+            self.byte_writers[(offset + i) & 7]((value >> (8 * i)) & 0xFF)
 
     # -- the host side -----------------------------------------------------------
 
