@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import sys
 import threading
 
@@ -52,6 +53,7 @@ from qkio import trace
 __all__ = ["EventNotifier"]
 
 _ONE = (1).to_bytes(8, sys.byteorder)  # a native uint64_t, as eventfd(2) wants
+_COUNTER = struct.Struct("=Q")          # what an eventfd read returns: the same
 
 
 class EventNotifier:
@@ -74,6 +76,7 @@ class EventNotifier:
             self.read_fd, self.write_fd = fd, os.dup(fd)
         else:
             self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._eventfd = kind == "eventfd"
         self._bell = _ONE if kind == "eventfd" else b"\x01"  # what notify() writes
         self.closed = False
 
@@ -106,22 +109,20 @@ class EventNotifier:
         ``select()`` returns at once and it is drained then: none is lost.
         """
         count = 0
-        eventfd = self.kind == "eventfd"
-        while True:
-            try:
-                data = os.read(self.read_fd, 8 if eventfd else 4096)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.EBADF and self.closed:
-                    break
+        try:
+            if self._eventfd:
+                count = _COUNTER.unpack(os.read(self.read_fd, 8))[0]
+            else:
+                while True:
+                    n = len(os.read(self.read_fd, 4096))
+                    count += n
+                    if n < 4096:  # emptied (or, if 0, the write end is closed)
+                        break
+        except BlockingIOError:
+            pass  # nothing (more) to read: an earlier pass took it
+        except OSError as e:
+            if e.errno != errno.EBADF or not self.closed:
                 raise
-            if eventfd:
-                count += int.from_bytes(data, sys.byteorder)
-                break
-            count += len(data)
-            if len(data) < 4096:  # emptied (or, if 0, the write end is closed)
-                break
         if self.tracer.enabled:
             self.tracer.instant("notify drained", count=count)
         return count

@@ -7,9 +7,13 @@
  *   io thread  holds a mutex except while it waits (qemu-kvm 0.12's
  *              main_loop_wait: unlock qemu_mutex, select(), lock again),
  *              select()s on the notifier's read end; when select() returns
- *              it takes the mutex, reads CLOCK_MONOTONIC, drains the
- *              notifier (io_thread_wakeup: read until EAGAIN) and writes the
- *              time on an acknowledgement pipe;
+ *              it takes the mutex, drains the notifier as qkio's
+ *              EventNotifier.drain does (io_thread_wakeup, less the read
+ *              that could only fail: one read for an eventfd, reads until a
+ *              short one for a pipe), reads CLOCK_MONOTONIC and writes the
+ *              time on an acknowledgement pipe.  The clock is read after
+ *              the drain because that is where the Python io thread reads
+ *              it: when main_loop_wait returns, its handler having run;
  *   sender     reads CLOCK_MONOTONIC, rings the notifier (an 8-byte 1 to the
  *              eventfd, or 1 byte to the pipe: qemu_kvm_notify_work), blocks
  *              reading the acknowledgement, then sleeps GAP_US so that the io
@@ -68,14 +72,16 @@ static void notify(void)
 
 static void drain(void)
 {
-    char buf[512];
+    char buf[4096];
     for (;;) {
-        ssize_t n = read(notify_r, buf, eventfd_kind ? 8 : sizeof buf);
-        if (n > 0)
-            continue;
+        /* An eventfd's one read returns and zeroes its whole counter; a
+         * pipe read that returns less than asked for emptied the pipe. */
+        ssize_t want = eventfd_kind ? 8 : (ssize_t)sizeof buf;
+        ssize_t n = read(notify_r, buf, want);
         if (n < 0 && errno != EAGAIN)
             die("drain");
-        return;
+        if (n < 0 || eventfd_kind || n < want)
+            return;
     }
 }
 
@@ -96,8 +102,8 @@ static void *io_thread(void *arg)
             die("select");
         if (r <= 0)
             continue;
-        uint64_t t = now_ns(CLOCK_MONOTONIC);
         drain();
+        uint64_t t = now_ns(CLOCK_MONOTONIC);
         if (stop)
             break;
         wakeups++;
