@@ -10,6 +10,7 @@ JSON-serialisable shape the CLI and the book rely on.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 from helpers.vmm import run_qkio
 from qkio import bench
 from qkio.bench import stats
+
+CPUS_AT_START = os.sched_getaffinity(0)
 
 needs_tools = pytest.mark.skipif(not all(shutil.which(t) for t in ("as", "ld", "gcc")),
                                  reason="as, ld and gcc are needed to build the guests and pio_ref")
@@ -107,6 +110,23 @@ def test_wakeup():
         assert r["ratios"][kind]["per_round"]["n"] == 2
     t = r["targets"]["eventfd p50 / C p50"]
     assert t["met"] == (t["value"] <= t["target"])
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert r["placement"]["sender_cpu"] != r["placement"]["io_thread_cpu"]
+        for who in ("qkio", "c", "floor"):
+            well_formed(r["same_cpu"]["eventfd"][who], 50)
+    assert os.sched_getaffinity(0) == CPUS_AT_START  # the sender's pinning was undone
+
+
+def test_wake_ref_keeps_each_thread_to_its_cpu():
+    """wake_ref.c's optional CPU arguments pin the threads: a CPU it may not use is an error."""
+    from qkio.bench.build import build_c
+    exe = build_c("wake_ref")
+    ok = subprocess.run([str(exe), "eventfd", "5", "1", "100", "0", "0"], capture_output=True,
+                        text=True, timeout=30)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["wakeups"] >= 5
+    bad = subprocess.run([str(exe), "eventfd", "5", "1", "100", "0", str(os.cpu_count() + 64)],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "sched_setaffinity" in bad.stderr
 
 
 def test_wait_with_few_fds_and_select_limit():

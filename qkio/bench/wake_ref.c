@@ -1,6 +1,9 @@
 /* wake_ref.c: the floor for `qkio bench wakeup` -- the same wake-up, in C.
  *
- *   wake_ref eventfd|pipe COUNT WARMUP GAP_US
+ *   wake_ref eventfd|pipe COUNT WARMUP GAP_US [SENDER_CPU IO_CPU]
+ *
+ * With the two CPU numbers, each thread keeps to its CPU (as the Python
+ * benchmark pins its threads: see qkio/bench/affinity.py for why).
  *
  * Two threads, as in the Python benchmark (qkio.bench.wakeup):
  *
@@ -29,6 +32,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,11 +48,23 @@ static pthread_mutex_t global_lock = PTHREAD_MUTEX_INITIALIZER;
 static volatile int stop;
 static long wakeups;
 static uint64_t io_cpu_ns;
+static int io_cpu = -1;
 
 static void die(const char *what)
 {
     fprintf(stderr, "wake_ref: %s: %s\n", what, strerror(errno));
     exit(2);
+}
+
+static void pin(int cpu)
+{
+    if (cpu < 0)
+        return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    if (sched_setaffinity(0, sizeof set, &set))  /* 0: the calling thread */
+        die("sched_setaffinity");
 }
 
 static uint64_t now_ns(clockid_t clock)
@@ -88,6 +104,7 @@ static void drain(void)
 static void *io_thread(void *arg)
 {
     (void)arg;
+    pin(io_cpu);
     uint64_t cpu0 = now_ns(CLOCK_THREAD_CPUTIME_ID);
     pthread_mutex_lock(&global_lock);
     while (!stop) {
@@ -117,11 +134,15 @@ static void *io_thread(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 5 || (strcmp(argv[1], "eventfd") && strcmp(argv[1], "pipe"))) {
-        fprintf(stderr, "usage: wake_ref eventfd|pipe COUNT WARMUP GAP_US\n");
+    if ((argc != 5 && argc != 7) || (strcmp(argv[1], "eventfd") && strcmp(argv[1], "pipe"))) {
+        fprintf(stderr, "usage: wake_ref eventfd|pipe COUNT WARMUP GAP_US [SENDER_CPU IO_CPU]\n");
         return 2;
     }
     eventfd_kind = !strcmp(argv[1], "eventfd");
+    if (argc == 7) {
+        pin(atoi(argv[5]));
+        io_cpu = atoi(argv[6]);
+    }
     long count = atol(argv[2]), warmup = atol(argv[3]), gap_us = atol(argv[4]);
     if (count < 0 || warmup < 0 || gap_us < 0) {
         fprintf(stderr, "wake_ref: COUNT, WARMUP and GAP_US must not be negative\n");

@@ -24,6 +24,19 @@ cause of a stall that no thread here controls.  Also reported: the io thread's o
 (``time.thread_time`` over the run); with ``samples=True``, every latency in
 order (``samples_us``), for plotting the whole distribution.
 
+Placement
+---------
+The sender is pinned to one CPU and the io thread to another
+(:mod:`qkio.bench.affinity`), in qkio's run, the C reference's and the
+Python floor's alike.  Left unpinned, the scheduler sometimes wakes the io
+thread on the sender's CPU and sometimes on the other, and on this host the
+two cost very differently (an inter-processor interrupt through the
+hypervisor), so an unpinned run is a mixture that changes from run to run.
+Across CPUs is the case the doorbell is for: a vCPU thread that goes on
+running while the io thread wakes beside it.  For the eventfd, the same
+three are also measured with both threads on one CPU (``same_cpu``), to
+show the difference.
+
 The C reference
 ---------------
 ``wake_ref.c`` (compiled with ``gcc -O2`` on first use) does the same thing
@@ -52,6 +65,7 @@ from typing import Any
 from qkio.main_loop import MainLoop
 from qkio.notify import EventNotifier
 
+from .affinity import cpu_pair, pin_thread
 from .build import build_c
 from .stats import fmt_dist, host_steal_ms, steal_between, summarize
 
@@ -59,8 +73,8 @@ NAME = "wakeup"
 TITLE = "EventNotifier.notify() in one thread -> main_loop_wait returns in the io thread"
 METHOD = ("io thread loops on MainLoop.main_loop_wait; another thread reads CLOCK_MONOTONIC, "
           "notify(), blocks on an ack pipe; io thread stamps when the wait returns; "
-          "~100 µs between notifications; the same between two C threads (wake_ref.c), "
-          "interleaved in rounds")
+          "~100 µs between notifications; sender and io thread pinned to two different CPUs; "
+          "the same between two C threads (wake_ref.c), interleaved in rounds")
 KINDS = ("eventfd", "pipe")
 STALL_US = 5000.0  # sys.getswitchinterval() by default
 #: The issue's target: qkio's eventfd wake-up p50 <= this x the C threads' in the same run.
@@ -92,7 +106,7 @@ def _asleep_in_wait(tid: int) -> bool:
 
 def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 100e-6,
                  busy_after_notify_s: float = 0.0, notify=None,
-                 wait_until_asleep: bool = False) -> dict:
+                 wait_until_asleep: bool = False, cpus: tuple[int, int] | None = None) -> dict:
     """Measure ``count`` notify -> main_loop_wait-returned wake-ups of ``loop``'s io thread.
 
     ``busy_after_notify_s``: instead of blocking at once, the sender keeps
@@ -101,7 +115,9 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     ``loop.notifier.notify``).  ``wait_until_asleep``: before each
     notification, wait until the io thread is blocked in its wait system
     call (``/proc``), so that it cannot already be queueing for the GIL when
-    the clock starts.
+    the clock starts.  ``cpus``: (the sender's CPU, the io thread's CPU), each
+    thread kept to its own for the run (:mod:`qkio.bench.affinity`); None
+    leaves placement to the scheduler.
 
     The io thread is started here and stopped before returning.  Returns
     ``{"latency_us": summary, "samples_us": [...], "io_cpu_us_per_wake": ...,
@@ -112,6 +128,8 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     cpu = {}
 
     def io_thread() -> None:
+        if cpus:
+            pin_thread(cpus[1])
         now = time.monotonic_ns
         pack = _NS.pack
         cpu0 = time.thread_time_ns()
@@ -131,6 +149,9 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     samples = []
     try:
         time.sleep(0.01)
+        if cpus:
+            sender_cpus = os.sched_getaffinity(0)
+            pin_thread(cpus[0])
         now, read, unpack = time.monotonic_ns, os.read, _NS.unpack
         notify = notify if notify is not None else loop.notifier.notify
         busy_ns = int(busy_after_notify_s * 1e9)
@@ -148,6 +169,8 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
             if gap_s:
                 time.sleep(gap_s)
     finally:
+        if cpus:
+            os.sched_setaffinity(0, sender_cpus)
         stop = True
         loop.notify_event("stop")
         thread.join(10)
@@ -162,10 +185,13 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     }
 
 
-def c_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
+def c_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
+                   cpus: tuple[int, int] | None = None) -> dict:
     """The same wake-up between two C threads (``wake_ref.c``); same keys as :func:`wake_latency`."""
     exe = build_c("wake_ref")
-    out = subprocess.run([str(exe), kind, str(count), str(warmup), str(round(gap_s * 1e6))],
+    placement = [str(cpus[0]), str(cpus[1])] if cpus else []
+    out = subprocess.run([str(exe), kind, str(count), str(warmup), str(round(gap_s * 1e6)),
+                          *placement],
                          capture_output=True, text=True, timeout=60 + count * 0.01)
     if out.returncode:
         raise RuntimeError(f"wake_ref failed ({out.returncode}): {out.stderr.strip()}")
@@ -232,7 +258,8 @@ def busy_notifier(count: int = 30, busy_s: float = 0.02) -> dict:
             "ways": ways}
 
 
-def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6) -> dict:
+def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
+                       cpus: tuple[int, int] | None = None) -> dict:
     """The same wake-up with the least any Python io thread can do: the floor under qkio's.
 
     The sender is the same (``EventNotifier.notify`` on the same kind of
@@ -250,6 +277,8 @@ def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 1
     cpu = {}
 
     def io_thread() -> None:
+        if cpus:
+            pin_thread(cpus[1])
         now, sel, read, write, pack = time.monotonic_ns, select.select, os.read, os.write, _NS.pack
         fd, size, fds = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd]
         cpu0 = time.thread_time_ns()
@@ -274,6 +303,9 @@ def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 1
     samples = []
     try:
         time.sleep(0.01)
+        if cpus:
+            sender_cpus = os.sched_getaffinity(0)
+            pin_thread(cpus[0])
         now, read, unpack, notify = time.monotonic_ns, os.read, _NS.unpack, notifier.notify
         for i in range(warmup + count):
             t0 = now()
@@ -284,6 +316,8 @@ def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 1
             if gap_s:
                 time.sleep(gap_s)
     finally:
+        if cpus:
+            os.sched_setaffinity(0, sender_cpus)
         stop = True
         notifier.notify()
         thread.join(10)
@@ -313,6 +347,16 @@ def run(quick: bool = False, progress=None, count: int | None = None,
               "switch_interval_s": sys.getswitchinterval(),
               "kinds": {}, "c_reference": {}, "python_floor": {}, "ratios": {}, "targets": {}}
     chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
+    # Pinned: the sender on one CPU, the io thread on another, in all three
+    # (qkio, C, floor) -- the case the doorbell is for, a thread that goes on
+    # running waking the io thread elsewhere.  Unpinned, the scheduler mixes
+    # that with same-CPU wake-ups from run to run (affinity.py); the same-CPU
+    # figures are measured beside it, for the eventfd, so the book can show both.
+    cpus = cpu_pair()
+    result["placement"] = ({"sender_cpu": cpus[0], "io_thread_cpu": cpus[1]} if cpus
+                           else "one CPU only: placement left to the scheduler")
+    same = (cpus[0], cpus[0]) if cpus else None
+    same_lat: dict[str, list[float]] = {"qkio": [], "c": [], "floor": []}
     acc: dict[str, Any] = {kind: {"q_lat": [], "c_lat": [], "q_cpu": 0.0, "c_cpu": 0.0, "q_wakes": 0,
                   "c_wakes": 0, "per_round": [], "q_round_p50": [], "c_round_p50": [],
                   "f_lat": [], "f_cpu": 0.0, "f_wakes": 0, "f_round_p50": [],
@@ -327,9 +371,14 @@ def run(quick: bool = False, progress=None, count: int | None = None,
                 progress(f"round {i + 1}/{rounds}: {kind}, {n} wake-ups each, qkio, C, Python floor")
             steal0 = host_steal_ms()
             with MainLoop(backend="select", notifier=kind) as loop:
-                q = wake_latency(loop, n)
-            c = c_wake_latency(kind, n)
-            f = floor_wake_latency(kind, n)
+                q = wake_latency(loop, n, cpus=cpus)
+            c = c_wake_latency(kind, n, cpus=cpus)
+            f = floor_wake_latency(kind, n, cpus=cpus)
+            if same and kind == "eventfd":
+                with MainLoop(backend="select", notifier=kind) as loop:
+                    same_lat["qkio"] += wake_latency(loop, n, cpus=same)["samples_us"]
+                same_lat["c"] += c_wake_latency(kind, n, cpus=same)["samples_us"]
+                same_lat["floor"] += floor_wake_latency(kind, n, cpus=same)["samples_us"]
             a["f_lat"] += f["samples_us"]
             a["f_cpu"] += (f["io_cpu_us_per_wake"] or 0) * f["wakeups"]
             a["f_wakes"] += f["wakeups"]
@@ -368,6 +417,8 @@ def run(quick: bool = False, progress=None, count: int | None = None,
                                   "per_round": summarize(a["per_round"]),
                                   "floor_p50_over_c_p50": round(f50 / c50, 3),
                                   "qkio_minus_floor_p50_us": round(q50 - f50, 3)}
+    if same:
+        result["same_cpu"] = {"eventfd": {who: summarize(lat) for who, lat in same_lat.items()}}
     ev = result["ratios"].get("eventfd")
     if ev:
         result["targets"]["eventfd p50 / C p50"] = {
@@ -398,6 +449,15 @@ def table(result: dict) -> list[tuple[str, str]]:
                                                 f"{q['qkio_minus_floor_p50_us']:.1f} µs to it"))
             rows.append((f"{kind} qkio/C", f"{q['p50_over_c_p50']:.2f} at the median (per round "
                                            f"{q['per_round']['min']:.2f}..{q['per_round']['max']:.2f})"))
+    place = result.get("placement")
+    if isinstance(place, dict):
+        rows.append(("placement", f"sender on CPU {place['sender_cpu']}, io thread on CPU "
+                                  f"{place['io_thread_cpu']} (qkio, C and floor alike)"))
+    same = result.get("same_cpu", {}).get("eventfd")
+    if same:
+        rows.append(("eventfd, same CPU", "p50 qkio {:.3g} µs, C {:.3g} µs, Python floor {:.3g} µs "
+                     "(both threads on the sender's CPU)".format(
+                         same["qkio"]["p50"], same["c"]["p50"], same["floor"]["p50"])))
     ev = result["kinds"].get("eventfd")
     if ev:
         ok = ev["target_p50_under_50us"] and ev["over_5ms"] == 0
