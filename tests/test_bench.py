@@ -110,6 +110,9 @@ def test_wakeup():
         assert r["ratios"][kind]["per_round"]["n"] == 2
     t = r["targets"]["eventfd p50 / C p50"]
     assert t["met"] == (t["value"] <= t["target"])
+    for kind in ("eventfd", "pipe"):
+        pc = r["pass_cost"][kind]
+        assert pc["main_loop_wait_us"]["n"] == 2 and pc["main_loop_wait_us"]["min"] > 0
     if len(os.sched_getaffinity(0)) >= 2:
         assert r["placement"]["sender_cpu"] != r["placement"]["io_thread_cpu"]
         for who in ("qkio", "c", "floor"):

@@ -333,6 +333,44 @@ def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 1
     }
 
 
+def pass_cost(kind: str = "eventfd", passes: int = 2000) -> dict:
+    """What one pass with nothing to do but the doorbell costs, in one thread, no wake-up.
+
+    Each pass rings the notifier and then either runs
+    ``MainLoop.main_loop_wait(0)`` (the doorbell is ready, so ``select()``
+    returns at once and the pass drains it) or the Python floor's steps
+    (drop a lock, ``select()``, take it, one read).  No thread sleeps or
+    wakes, so this is the interpreter's and the system calls' work alone,
+    with warm caches: the difference is the Python that qkio's pass adds.
+    Returns ``{"main_loop_wait_us", "floor_us", "python_beyond_floor_us"}``
+    (µs per pass, each the mean over ``passes``).
+    """
+    with MainLoop(backend="select", notifier=kind) as loop:
+        notify, mlw = loop.notifier.notify, loop.main_loop_wait
+        with loop.lock:
+            t0 = time.perf_counter_ns()
+            for _ in range(passes):
+                notify()
+                mlw(0)
+            qkio_ns = time.perf_counter_ns() - t0
+    with EventNotifier(kind) as notifier:
+        fd, size, fds, lock = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd], threading.Lock()
+        notify, sel, read = notifier.notify, select.select, os.read
+        lock.acquire()
+        t0 = time.perf_counter_ns()
+        for _ in range(passes):
+            notify()
+            lock.release()
+            sel(fds, [], [], 0)
+            lock.acquire()
+            read(fd, size)
+        floor_ns = time.perf_counter_ns() - t0
+        lock.release()
+    q, f = qkio_ns / passes / 1000, floor_ns / passes / 1000
+    return {"main_loop_wait_us": round(q, 3), "floor_us": round(f, 3),
+            "python_beyond_floor_us": round(q - f, 3)}
+
+
 def run(quick: bool = False, progress=None, count: int | None = None,
         samples: bool = False, rounds: int | None = None) -> dict:
     """``rounds`` rounds; in each, every notifier kind, qkio's wake-ups then the C ones.
@@ -345,7 +383,8 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     rounds = max(1, min(rounds or (4 if quick else 10), count))
     result: dict[str, Any] = {"method": METHOD, "count": count, "rounds": rounds,
               "switch_interval_s": sys.getswitchinterval(),
-              "kinds": {}, "c_reference": {}, "python_floor": {}, "ratios": {}, "targets": {}}
+              "kinds": {}, "c_reference": {}, "python_floor": {}, "ratios": {}, "targets": {},
+              "pass_cost": {}}
     chunks = [count // rounds + (1 if i < count % rounds else 0) for i in range(rounds)]
     # Pinned: the sender on one CPU, the io thread on another, in all three
     # (qkio, C, floor) -- the case the doorbell is for, a thread that goes on
@@ -360,7 +399,7 @@ def run(quick: bool = False, progress=None, count: int | None = None,
     acc: dict[str, Any] = {kind: {"q_lat": [], "c_lat": [], "q_cpu": 0.0, "c_cpu": 0.0, "q_wakes": 0,
                   "c_wakes": 0, "per_round": [], "q_round_p50": [], "c_round_p50": [],
                   "f_lat": [], "f_cpu": 0.0, "f_wakes": 0, "f_round_p50": [],
-                  "steal": None} for kind in KINDS}
+                  "steal": None, "pass_beyond_floor": [], "pass_qkio": []} for kind in KINDS}
     # Rounds outside, kinds inside: every round runs both notifiers, qkio's
     # then C's, so a change in the host's load hits all four alike and the
     # eventfd can be compared with the pipe, not only with C.
@@ -374,6 +413,9 @@ def run(quick: bool = False, progress=None, count: int | None = None,
                 q = wake_latency(loop, n, cpus=cpus)
             c = c_wake_latency(kind, n, cpus=cpus)
             f = floor_wake_latency(kind, n, cpus=cpus)
+            pc = pass_cost(kind)
+            a["pass_beyond_floor"].append(pc["python_beyond_floor_us"])
+            a["pass_qkio"].append(pc["main_loop_wait_us"])
             if same and kind == "eventfd":
                 with MainLoop(backend="select", notifier=kind) as loop:
                     same_lat["qkio"] += wake_latency(loop, n, cpus=same)["samples_us"]
@@ -413,6 +455,8 @@ def run(quick: bool = False, progress=None, count: int | None = None,
         q50 = result["kinds"][kind]["latency_us"]["p50"]
         c50 = result["c_reference"][kind]["latency_us"]["p50"]
         f50 = result["python_floor"][kind]["latency_us"]["p50"]
+        result["pass_cost"][kind] = {"main_loop_wait_us": summarize(a["pass_qkio"]),
+                                     "python_beyond_floor_us": summarize(a["pass_beyond_floor"])}
         result["ratios"][kind] = {"p50_over_c_p50": round(q50 / c50, 3),
                                   "per_round": summarize(a["per_round"]),
                                   "floor_p50_over_c_p50": round(f50 / c50, 3),
@@ -449,6 +493,11 @@ def table(result: dict) -> list[tuple[str, str]]:
                                                 f"{q['qkio_minus_floor_p50_us']:.1f} µs to it"))
             rows.append((f"{kind} qkio/C", f"{q['p50_over_c_p50']:.2f} at the median (per round "
                                            f"{q['per_round']['min']:.2f}..{q['per_round']['max']:.2f})"))
+    for kind, pc in result.get("pass_cost", {}).items():
+        rows.append((f"{kind}, one pass", f"main_loop_wait with only the doorbell, in one thread: "
+                     f"{pc['main_loop_wait_us']['p50']:.2f} µs, of which "
+                     f"{pc['python_beyond_floor_us']['p50']:.2f} µs is Python beyond the floor's "
+                     "(median of the rounds)"))
     place = result.get("placement")
     if isinstance(place, dict):
         rows.append(("placement", f"sender on CPU {place['sender_cpu']}, io thread on CPU "
