@@ -595,7 +595,10 @@ class MainLoop:
         if tracing:
             self.tracer.begin("main_loop_wait", backend=self.backend.name, rfds=rfds,
                               wfds=wfds, timeout_ms=timeout_ns / 1e6)
-        lock.unlock()
+        # lock.unlock(), inlined as the lock() below is: the holder check it
+        # would make was made on entry, where this thread took the lock or had it
+        lock.owner = None
+        lock.raw_lock.release()
         try:
             ready_r, ready_w, _ = self.backend.wait(rfds, wfds, (), timeout_ns / 1e9)
         finally:

@@ -65,9 +65,9 @@ from typing import Any
 from qkio.main_loop import MainLoop
 from qkio.notify import EventNotifier
 
-from .affinity import cpu_pair, pin_thread
+from .affinity import cpu_pair, pin_thread, pinned
 from .build import build_c
-from .stats import fmt_dist, host_steal_ms, steal_between, summarize
+from .stats import fmt_dist, host_steal_ms, median, steal_between, summarize
 
 NAME = "wakeup"
 TITLE = "EventNotifier.notify() in one thread -> main_loop_wait returns in the io thread"
@@ -104,6 +104,66 @@ def _asleep_in_wait(tid: int) -> bool:
     return first.isdigit() and int(first) in _WAIT_SYSCALLS
 
 
+def _timed_wakeups(io_loop, ring, count: int, warmup: int, gap_s: float,
+                   cpus: tuple[int, int] | None, thread_name: str, busy_ns: int = 0,
+                   wait_until_asleep: bool = False) -> dict:
+    """The sender's side of every Python wake-up measurement here, and the io
+    thread's bookkeeping around ``io_loop``.
+
+    ``io_loop(ack_w, state)`` is the io thread's loop: it waits, reads
+    CLOCK_MONOTONIC when its wait is over, writes that time to ``ack_w``,
+    and returns the number of wake-ups it acknowledged once ``state["stop"]``
+    is set.  ``ring()`` wakes it.  The sender reads the clock, rings, keeps
+    running Python for ``busy_ns`` if asked, blocks on the acknowledgement,
+    and sleeps ``gap_s``; one sample is acknowledged time - time before the
+    ring.  ``cpus``: (the sender's CPU, the io thread's CPU), each thread kept
+    to its own (:mod:`qkio.bench.affinity`).
+    """
+    ack_r, ack_w = os.pipe()
+    state: dict[str, Any] = {"stop": False}
+
+    def io_thread() -> None:
+        if cpus:
+            pin_thread(cpus[1])
+        cpu0 = time.thread_time_ns()
+        state["wakes"] = io_loop(ack_w, state)
+        state["cpu_ns"] = time.thread_time_ns() - cpu0
+
+    thread = threading.Thread(target=io_thread, name=thread_name, daemon=True)
+    thread.start()
+    samples = []
+    try:
+        time.sleep(0.01)
+        with pinned(cpus[0] if cpus else None):
+            now, read, unpack = time.monotonic_ns, os.read, _NS.unpack
+            for i in range(warmup + count):
+                if wait_until_asleep:
+                    while not _asleep_in_wait(thread.native_id or 0):  # started: native_id is set
+                        time.sleep(gap_s or 50e-6)
+                t0 = now()
+                ring()
+                while busy_ns and now() - t0 < busy_ns:
+                    pass  # pure Python: this thread keeps the GIL until asked to drop it
+                (t1,) = unpack(read(ack_r, 8))
+                if i >= warmup:
+                    samples.append((t1 - t0) / 1000)
+                if gap_s:
+                    time.sleep(gap_s)
+    finally:
+        state["stop"] = True
+        ring()
+        thread.join(10)
+        os.close(ack_r)
+        os.close(ack_w)
+    wakes = state.get("wakes", 0)
+    return {
+        "latency_us": summarize(samples),
+        "samples_us": samples,
+        "io_cpu_us_per_wake": round(state["cpu_ns"] / wakes / 1000, 2) if wakes else None,
+        "wakeups": wakes,
+    }
+
+
 def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 100e-6,
                  busy_after_notify_s: float = 0.0, notify=None,
                  wait_until_asleep: bool = False, cpus: tuple[int, int] | None = None) -> dict:
@@ -123,66 +183,22 @@ def wake_latency(loop: MainLoop, count: int, warmup: int = 50, gap_s: float = 10
     ``{"latency_us": summary, "samples_us": [...], "io_cpu_us_per_wake": ...,
     "wakeups": n}``.
     """
-    ack_r, ack_w = os.pipe()
-    stop = False
-    cpu = {}
-
-    def io_thread() -> None:
-        if cpus:
-            pin_thread(cpus[1])
-        now = time.monotonic_ns
-        pack = _NS.pack
-        cpu0 = time.thread_time_ns()
+    def io_loop(ack_w: int, state: dict) -> int:
+        now, write, pack = time.monotonic_ns, os.write, _NS.pack
         wakes = 0
         with loop.lock:
-            while not stop:
+            while not state["stop"]:
                 called = loop.main_loop_wait(1000)
                 t = now()
-                if called and not stop:
+                if called and not state["stop"]:
                     wakes += 1
-                    os.write(ack_w, pack(t))
-        cpu["ns"] = time.thread_time_ns() - cpu0
-        cpu["wakes"] = wakes
+                    write(ack_w, pack(t))
+        return wakes
 
-    thread = threading.Thread(target=io_thread, name="qkio-io (bench)", daemon=True)
-    thread.start()
-    samples = []
-    try:
-        time.sleep(0.01)
-        if cpus:
-            sender_cpus = os.sched_getaffinity(0)
-            pin_thread(cpus[0])
-        now, read, unpack = time.monotonic_ns, os.read, _NS.unpack
-        notify = notify if notify is not None else loop.notifier.notify
-        busy_ns = int(busy_after_notify_s * 1e9)
-        for i in range(warmup + count):
-            if wait_until_asleep:
-                while not _asleep_in_wait(thread.native_id or 0):  # started: native_id is set
-                    time.sleep(gap_s or 50e-6)
-            t0 = now()
-            notify()
-            while busy_ns and now() - t0 < busy_ns:
-                pass  # pure Python: this thread keeps the GIL until asked to drop it
-            (t1,) = unpack(read(ack_r, 8))
-            if i >= warmup:
-                samples.append((t1 - t0) / 1000)
-            if gap_s:
-                time.sleep(gap_s)
-    finally:
-        if cpus:
-            os.sched_setaffinity(0, sender_cpus)
-        stop = True
-        loop.notify_event("stop")
-        thread.join(10)
-        os.close(ack_r)
-        os.close(ack_w)
-    wakes = cpu.get("wakes", 0)
-    return {
-        "latency_us": summarize(samples),
-        "samples_us": samples,
-        "io_cpu_us_per_wake": round(cpu["ns"] / wakes / 1000, 2) if wakes else None,
-        "wakeups": wakes,
-    }
+    return _timed_wakeups(io_loop, notify if notify is not None else loop.notifier.notify,
+                          count, warmup, gap_s, cpus, "qkio-io (bench)",
+                          busy_ns=int(busy_after_notify_s * 1e9),
+                          wait_until_asleep=wait_until_asleep)
 
 
 def c_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 100e-6,
@@ -271,69 +287,32 @@ def floor_wake_latency(kind: str, count: int, warmup: int = 50, gap_s: float = 1
     main loop can go under.  Same keys as :func:`wake_latency`.
     """
     notifier = EventNotifier(kind)
-    ack_r, ack_w = os.pipe()
     lock = threading.Lock()
-    stop = False
-    cpu = {}
 
-    def io_thread() -> None:
-        if cpus:
-            pin_thread(cpus[1])
+    def io_loop(ack_w: int, state: dict) -> int:
         now, sel, read, write, pack = time.monotonic_ns, select.select, os.read, os.write, _NS.pack
         fd, size, fds = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd]
-        cpu0 = time.thread_time_ns()
         wakes = 0
         lock.acquire()
-        while not stop:
+        while not state["stop"]:
             lock.release()
             ready, _, _ = sel(fds, [], [], 1.0)
             lock.acquire()
             if ready:
                 read(fd, size)
                 t = now()
-                if not stop:
+                if not state["stop"]:
                     wakes += 1
                     write(ack_w, pack(t))
         lock.release()
-        cpu["ns"] = time.thread_time_ns() - cpu0
-        cpu["wakes"] = wakes
+        return wakes
 
-    thread = threading.Thread(target=io_thread, name="python floor (bench)", daemon=True)
-    thread.start()
-    samples = []
-    try:
-        time.sleep(0.01)
-        if cpus:
-            sender_cpus = os.sched_getaffinity(0)
-            pin_thread(cpus[0])
-        now, read, unpack, notify = time.monotonic_ns, os.read, _NS.unpack, notifier.notify
-        for i in range(warmup + count):
-            t0 = now()
-            notify()
-            (t1,) = unpack(read(ack_r, 8))
-            if i >= warmup:
-                samples.append((t1 - t0) / 1000)
-            if gap_s:
-                time.sleep(gap_s)
-    finally:
-        if cpus:
-            os.sched_setaffinity(0, sender_cpus)
-        stop = True
-        notifier.notify()
-        thread.join(10)
-        os.close(ack_r)
-        os.close(ack_w)
-        notifier.close()
-    wakes = cpu.get("wakes", 0)
-    return {
-        "latency_us": summarize(samples),
-        "samples_us": samples,
-        "io_cpu_us_per_wake": round(cpu["ns"] / wakes / 1000, 2) if wakes else None,
-        "wakeups": wakes,
-    }
+    with notifier:
+        return _timed_wakeups(io_loop, notifier.notify, count, warmup, gap_s, cpus,
+                              "python floor (bench)")
 
 
-def pass_cost(kind: str = "eventfd", passes: int = 2000) -> dict:
+def pass_cost(kind: str = "eventfd", passes: int = 2000, chunks: int = 10) -> dict:
     """What one pass with nothing to do but the doorbell costs, in one thread, no wake-up.
 
     Each pass rings the notifier and then either runs
@@ -342,31 +321,38 @@ def pass_cost(kind: str = "eventfd", passes: int = 2000) -> dict:
     (drop a lock, ``select()``, take it, one read).  No thread sleeps or
     wakes, so this is the interpreter's and the system calls' work alone,
     with warm caches: the difference is the Python that qkio's pass adds.
-    Returns ``{"main_loop_wait_us", "floor_us", "python_beyond_floor_us"}``
-    (µs per pass, each the mean over ``passes``).
+    The passes are timed in ``chunks`` chunks, qkio's and the floor's
+    alternating, and each figure is the median chunk's time per pass, so that
+    the thread being preempted during one chunk moves neither.  Returns
+    ``{"main_loop_wait_us", "floor_us", "python_beyond_floor_us"}``.
     """
-    with MainLoop(backend="select", notifier=kind) as loop:
-        notify, mlw = loop.notifier.notify, loop.main_loop_wait
-        with loop.lock:
-            t0 = time.perf_counter_ns()
-            for _ in range(passes):
-                notify()
-                mlw(0)
-            qkio_ns = time.perf_counter_ns() - t0
-    with EventNotifier(kind) as notifier:
-        fd, size, fds, lock = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd], threading.Lock()
-        notify, sel, read = notifier.notify, select.select, os.read
-        lock.acquire()
-        t0 = time.perf_counter_ns()
-        for _ in range(passes):
-            notify()
-            lock.release()
-            sel(fds, [], [], 0)
+    per_chunk = max(1, passes // chunks)
+    qkio_us: list[float] = []
+    floor_us: list[float] = []
+    with MainLoop(backend="select", notifier=kind) as loop, EventNotifier(kind) as notifier:
+        fd, size, fds = notifier.read_fd, 8 if kind == "eventfd" else 4096, [notifier.read_fd]
+        lock = threading.Lock()
+        sel, read, clock = select.select, os.read, time.perf_counter_ns
+        for _ in range(chunks):
+            ring, mlw = loop.notifier.notify, loop.main_loop_wait
+            with loop.lock:
+                t0 = clock()
+                for _ in range(per_chunk):
+                    ring()
+                    mlw(0)
+                qkio_us.append((clock() - t0) / per_chunk / 1000)
+            ring = notifier.notify
             lock.acquire()
-            read(fd, size)
-        floor_ns = time.perf_counter_ns() - t0
-        lock.release()
-    q, f = qkio_ns / passes / 1000, floor_ns / passes / 1000
+            t0 = clock()
+            for _ in range(per_chunk):
+                ring()
+                lock.release()
+                sel(fds, [], [], 0)
+                lock.acquire()
+                read(fd, size)
+            floor_us.append((clock() - t0) / per_chunk / 1000)
+            lock.release()
+    q, f = median(qkio_us), median(floor_us)
     return {"main_loop_wait_us": round(q, 3), "floor_us": round(f, 3),
             "python_beyond_floor_us": round(q - f, 3)}
 
