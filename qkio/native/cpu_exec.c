@@ -103,6 +103,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/kvm.h>
+#include <semaphore.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
 
@@ -110,9 +111,18 @@
 
 /* --- QemuMutex: a plain, non-recursive lock with C-callable fast paths ------- */
 
+/* A POSIX semaphore of one token, used directly.  CPython's own lock is the
+ * same semaphore, but its non-blocking acquire also reads the clock and
+ * builds a deadline it never waits for (PyThread_acquire_lock_timed with a
+ * zero timeout) -- on the exit path, twice per exit.  sem_trywait and
+ * sem_post are one atomic operation each when nobody waits.  A blocking
+ * acquire waits in sem_wait, which a signal interrupts (EINTR), so Python's
+ * signal handlers still run while a thread waits for the lock, as with
+ * threading.Lock. */
 typedef struct {
     PyObject_HEAD
-    PyThread_type_lock lock;
+    sem_t sem;
+    char ready;   /* sem was initialised */
     char locked;
 } QemuMutex;
 
@@ -128,26 +138,24 @@ static PyObject *qemu_mutex_new(PyTypeObject *type, PyObject *args, PyObject *kw
     }
     if (!(self = (QemuMutex *)type->tp_alloc(type, 0)))
         return NULL;
-    if (!(self->lock = PyThread_allocate_lock())) {
+    if (sem_init(&self->sem, 0, 1) < 0) {
         Py_DECREF(self);
-        return PyErr_NoMemory();
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
+    self->ready = 1;
     return (PyObject *)self;
 }
 
 static void qemu_mutex_dealloc(QemuMutex *self)
 {
-    if (self->lock) {
-        if (self->locked)
-            PyThread_release_lock(self->lock);
-        PyThread_free_lock(self->lock);
-    }
+    if (self->ready)
+        sem_destroy(&self->sem);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int qemu_mutex_trylock(QemuMutex *self)
 {
-    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK))
+    if (sem_trywait(&self->sem) < 0)
         return 0;
     self->locked = 1;
     return 1;
@@ -156,15 +164,14 @@ static int qemu_mutex_trylock(QemuMutex *self)
 static void qemu_mutex_unlock(QemuMutex *self)
 {
     self->locked = 0;
-    PyThread_release_lock(self->lock);
+    sem_post(&self->sem);
 }
 
 /* acquire(blocking=True) -> bool.  Waits with the GIL released, and, like
  * threading.Lock, lets signal handlers run (and raise) while it waits. */
 static PyObject *qemu_mutex_acquire(QemuMutex *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyLockStatus r;
-    int blocking = 1;
+    int blocking = 1, r, err;
 
     if (nargs > 1) {
         PyErr_SetString(PyExc_TypeError, "acquire(blocking=True) takes at most 1 argument");
@@ -178,11 +185,16 @@ static PyObject *qemu_mutex_acquire(QemuMutex *self, PyObject *const *args, Py_s
         Py_RETURN_FALSE;
     for (;;) {
         Py_BEGIN_ALLOW_THREADS
-        r = PyThread_acquire_lock_timed(self->lock, -1, 1);
+        r = sem_wait(&self->sem);
+        err = errno;
         Py_END_ALLOW_THREADS
-        if (r == PY_LOCK_ACQUIRED)
+        if (r == 0)
             break;
-        if (r == PY_LOCK_INTR && Py_MakePendingCalls() < 0)
+        if (err != EINTR) {
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        if (Py_MakePendingCalls() < 0)
             return NULL;
     }
     self->locked = 1;
