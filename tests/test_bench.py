@@ -20,6 +20,9 @@ import pytest
 from helpers.vmm import run_qkio
 from qkio import bench
 from qkio.bench import stats
+from qkio.bench.build import build_guest
+from qkio.bench.guest_run import RunFailed, chunk_cycles
+from qkio.machine import Machine
 
 CPUS_AT_START = os.sched_getaffinity(0)
 
@@ -159,19 +162,36 @@ def test_wait_reports_select_na_above_fd_setsize():
 @pytest.mark.kvm
 @needs_tools
 def test_pio():
-    r = bench.benchmark("pio").run(n=600, small=100, n_qemu=600, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
+    r = bench.benchmark("pio").run(n=2000, chunk=500, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
     json.dumps(r)
-    for d in r["per_exit_us"].values():
+    for d in list(r["per_exit_us"].values()) + list(r["median_chunk_us"].values()):
         well_formed(d, 1)
-    # No sign is asserted: every per-exit figure is a difference of two timed
-    # runs, and with 500 exits between them a busy host can make T(small)
-    # longer than T(N) (seen: qkio's p50 -52.8 us beside two CPU hogs).  The
-    # law is the exit count, which run() checks for qkio and C (N + 1 IO
-    # exits, or it raises).
+    # The laws: run() checks every exit count (N + 1 IO exits plus two per byte
+    # the guest prints, for qkio and C) and that each guest timed N / K chunks;
+    # a chunk's cycles come from the guest's own TSC, so no figure can be <= 0,
+    # and a run's fastest chunk is never slower than its median chunk.  No sign
+    # of a difference between implementations is asserted: a busy host flips it.
+    for v in r["per_exit_us"]:
+        assert all(0 < f <= m for f, m in zip(r["rounds_us"][v], r["rounds_median_chunk_us"][v]))
+    assert r["count"] == 2000 and r["chunk"] == 500 and r["tsc_khz"] > 0
     assert r["ports"]["qkio"] == 0x3FF and r["ports"]["qkio unowned"] == 0x500
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
+    assert set(r["verdicts"]) == set(r["targets"])
     if "qemu" in r["per_exit_us"]:
         assert set(r["targets"]) == {"qkio/c", "qkio/qemu", "qkio unowned/qemu unowned"}
+
+
+@pytest.mark.kvm
+@needs_tools
+def test_pio_guest_refuses_more_chunks_than_it_can_keep():
+    out = bytearray()
+    with Machine(memory_mib=8, console=out.extend, log=lambda m: None) as machine:
+        machine.load_multiboot(build_guest("pio-loop"), append="count=5000 chunk=1")
+        status = machine.run(timeout=60)
+    assert status == 3 and b"more than 4096 chunks" in out
+    with pytest.raises(RunFailed, match="no 'pio-loop: chunk=' line"):
+        chunk_cycles(out.decode())
+    assert chunk_cycles("x\npio-loop: chunk=10 cycles: 5 7\n") == (10, [5, 7])
 
 
 @pytest.mark.kvm

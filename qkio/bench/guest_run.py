@@ -15,12 +15,15 @@ run took, measured the way that implementation allows:
   of the seconds of ``-M pc``, whose start-up jitter blurred per-exit
   figures (``qkio bench startup`` times it).
   ``-cpu host``, as qkio gives the guest the host's CPUID.  With
-  ``-serial null`` its UART sits at 0x3f8 as qkio's does.
+  ``-serial stdio`` its UART sits at 0x3f8 as qkio's does, and what the
+  guest prints there comes out on QEMU's stdout, which is read.
 
-The benchmarks difference two runs, ``(T(N) - T(small)) / (N - small)``,
-which removes every cost that does not grow with N (start-up, loading,
-shutdown) -- the only way to get a per-exit cost out of QEMU from outside,
-and applied to all three so that they are treated alike.
+The benchmarks that time from outside difference two runs,
+``(T(N) - T(small)) / (N - small)``, which removes every cost that does not
+grow with N (start-up, loading, shutdown), applied to all three so that they
+are treated alike.  ``pio`` does better: ``pio-loop`` with ``chunk=K`` times
+itself with its TSC and prints the figures, which every ``run_*`` returns
+as the guest's output (``info["console"]``; :func:`chunk_cycles` reads them).
 """
 
 from __future__ import annotations
@@ -55,18 +58,34 @@ class RunFailed(RuntimeError):
     pass
 
 
-def cmdline(count: int, port: int | None = None) -> str:
-    """The guest's command line: ``count=N``, and ``port=P`` (decimal) if given."""
-    return f"count={count}" + (f" port={port}" if port is not None else "")
+def cmdline(count: int, port: int | None = None, chunk: int | None = None) -> str:
+    """The guest's command line: ``count=N``, and ``port=P`` (decimal) and
+    ``chunk=K`` (``pio-loop`` times its OUTs in chunks of K) if given."""
+    return (f"count={count}" + (f" port={port}" if port is not None else "")
+            + (f" chunk={chunk}" if chunk else ""))
 
 
-def qkio_machine(elf, count: int, console=None, port: int | None = None, **kw):
+def chunk_cycles(console: str) -> tuple[int, list[int]]:
+    """``(K, [cycles of each chunk])`` from ``pio-loop``'s report line (``chunk=K``).
+
+    Raises :class:`RunFailed` if the output holds no such line (the guest was
+    not asked to time itself, or its output was lost).
+    """
+    for line in console.splitlines():
+        if line.startswith("pio-loop: chunk="):
+            head, _, tail = line.partition(" cycles:")
+            return int(head.split("=", 1)[1]), [int(x) for x in tail.split()]
+    raise RunFailed(f"no 'pio-loop: chunk=' line in the guest's output: {console[-200:]!r}")
+
+
+def qkio_machine(elf, count: int, console=None, port: int | None = None,
+                 chunk: int | None = None, **kw):
     """A qkio Machine with the guest loaded and a null device on the benchmark port."""
     from qkio.machine import Machine
     machine = Machine(memory_mib=8, console=console or (lambda data: None), **kw)
     try:
         machine.bus.register(BENCH_PORT, 1, NullDevice(), "bench-null")
-        machine.load_multiboot(elf, append=cmdline(count, port))
+        machine.load_multiboot(elf, append=cmdline(count, port, chunk))
     except BaseException:
         machine.close()
         raise
@@ -74,13 +93,15 @@ def qkio_machine(elf, count: int, console=None, port: int | None = None, **kw):
 
 
 def run_qkio(elf, count: int, setup=None, exit_path: str | None = None,
-             port: int | None = None) -> tuple[float, dict]:
-    """Seconds of ``Machine.run()`` and the vCPU's exit counts.  ``setup(machine)``
-    runs before the clock starts (e.g. to register an ioeventfd).  ``exit_path``:
-    see :class:`qkio.machine.Machine` (None: native if it was built at install).  An
+             port: int | None = None, chunk: int | None = None) -> tuple[float, dict]:
+    """Seconds of ``Machine.run()``, the vCPU's exit counts and the guest's COM1
+    output (``info["console"]``).  ``setup(machine)`` runs before the clock
+    starts (e.g. to register an ioeventfd).  ``exit_path``: see
+    :class:`qkio.machine.Machine` (None: native if it was built at install).  An
     unowned ``port`` is reported once, silently (a benchmark has no log)."""
-    machine = qkio_machine(elf, count, exit_path=exit_path, port=port,
-                           log=lambda message: None)
+    out = bytearray()
+    machine = qkio_machine(elf, count, exit_path=exit_path, port=port, chunk=chunk,
+                           console=out.extend, log=lambda message: None)
     machine.bus.on_unassigned = lambda *access: None
     try:
         extra = setup(machine) if setup else None
@@ -90,7 +111,8 @@ def run_qkio(elf, count: int, setup=None, exit_path: str | None = None,
         if status != GUEST_EXIT_STATUS:
             raise RunFailed(f"qkio: guest ended with status {status}: {machine.exit_message}")
         info = {"exits": {int(k): v for k, v in machine.cpus[0].exit_counts.items()},
-                "exit_path": machine.cpus[0].exit_path}
+                "exit_path": machine.cpus[0].exit_path,
+                "console": out.decode("ascii", errors="replace")}
         if extra is not None:
             info["setup"] = extra(machine) if callable(extra) else extra
         return seconds, info
@@ -99,28 +121,33 @@ def run_qkio(elf, count: int, setup=None, exit_path: str | None = None,
 
 
 def run_c(elf, count: int, ioeventfd_port: int | None = None,
-          port: int | None = None) -> tuple[float, dict]:
-    """Seconds of ``pio_ref``'s KVM_RUN loop, and its exit count."""
-    argv = [str(build_c("pio_ref")), os.fspath(elf), cmdline(count, port)]
+          port: int | None = None, chunk: int | None = None) -> tuple[float, dict]:
+    """Seconds of ``pio_ref``'s KVM_RUN loop, its exit count, the guest's TSC rate
+    (``tsc_khz``) and COM1 output (``console``)."""
+    argv = [str(build_c("pio_ref")), os.fspath(elf), cmdline(count, port, chunk)]
     if ioeventfd_port is not None:
         argv.append(hex(ioeventfd_port))
     r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if r.returncode:
         raise RunFailed(f"pio_ref failed ({r.returncode}): {r.stderr.strip()}")
     out = json.loads(r.stdout)
-    return out["seconds"], {"exits": out["exits"]}
+    return out["seconds"], {"exits": out["exits"], "tsc_khz": out["tsc_khz"],
+                            "console": out["console"]}
 
 
-def run_qemu(elf, count: int, port: int | None = None) -> tuple[float, dict]:
-    """Wall seconds of a whole QEMU run of the guest."""
-    argv = [QEMU, *QEMU_ARGS, "-serial", "null", "-kernel", os.fspath(elf),
-            "-append", cmdline(count, port)]
+def run_qemu(elf, count: int, port: int | None = None,
+             chunk: int | None = None) -> tuple[float, dict]:
+    """Wall seconds of a whole QEMU run of the guest, and its COM1 output
+    (``info["console"]``: ``-serial stdio``, read from QEMU's stdout)."""
+    argv = [QEMU, *QEMU_ARGS, "-serial", "stdio", "-kernel", os.fspath(elf),
+            "-append", cmdline(count, port, chunk)]
     t0 = time.perf_counter()
-    r = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=600)
     seconds = time.perf_counter() - t0
     if r.returncode != GUEST_EXIT_STATUS:
         raise RunFailed(f"QEMU ended with status {r.returncode}: {r.stderr.decode(errors='replace').strip()}")
-    return seconds, {}
+    return seconds, {"console": r.stdout.decode("ascii", errors="replace")}
 
 
 def have_qemu() -> bool:

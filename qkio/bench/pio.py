@@ -3,15 +3,15 @@
 Method
 ------
 One guest (``pio-loop``, from :mod:`qkio.guests`, a Multiboot ELF): read
-``count=N`` and ``port=P`` from the command line, do N one-byte ``out %al,
-%dx`` to port P in a four-instruction loop, then write 0x10 to
+``count=N``, ``port=P`` and ``chunk=K`` from the command line, do N one-byte
+``out %al, %dx`` to port P in a four-instruction loop, then write 0x10 to
 isa-debug-exit (0xf4).  Each OUT is one ``KVM_EXIT_IO``: the guest exits,
 ``KVM_RUN`` returns to the VMM, the VMM handles the access and calls
 ``KVM_RUN`` again.  Two ports, each in qkio and in QEMU:
 
 * a **device's** port, 0x3ff: the scratch register of the 16550 UART at
-  0x3f8 -- qkio's ``Serial``, QEMU's ``serial`` (``-serial null``) -- a
-  register that only stores the byte;
+  0x3f8 -- qkio's ``Serial``, QEMU's ``serial`` -- a register that only
+  stores the byte;
 * a port **nobody owns**, 0x500: qkio's ``PortBus`` reports it once and
   drops the writes (after the first, in the native loop's C); QEMU's
   unassigned region drops them too.
@@ -21,8 +21,8 @@ The same ELF runs in
 * **qkio**: a ``Machine`` in this process, its vCPU thread looping in
   ``CpuThread._cpu_loop`` with the native exit loop (:mod:`qkio.native`):
   in C, the global lock dropped around ``KVM_RUN`` and retaken, the OUT
-  completed by calling the Python device's ``io_write``, found in
-  ``PortBus``'s port table (for the unowned port: completed in C);
+  completed by calling the Python device's handler for the register, found
+  in ``PortBus``'s port table (for the unowned port: completed in C);
 * **qkio-python**: the same machine with ``exit_path="python"``: every one
   of those steps in Python (``handle_io`` -> ``PortBus.write`` -> the same
   device).  Not a target; shown because the difference is what the
@@ -34,40 +34,78 @@ The same ELF runs in
   can do per exit costs less (it runs the device port's count);
 * **QEMU**: ``qemu-system-x86_64 -M microvm,acpi=off -accel kvm -cpu host
   -nodefaults -display none -device isa-debug-exit,iobase=0xf4,iosize=0x04
-  -serial null -kernel pio-loop.elf -append "count=N port=P"``
+  -serial stdio -kernel pio-loop.elf -append "count=N port=P chunk=K"``
   (:mod:`qkio.bench.guest_run` says why microvm).
 
-Per-exit cost = (T(N) - T(small)) / (N - small) for each (see
-:mod:`qkio.bench.guest_run` for what T is in each), which removes start-up.
-QEMU's T is a whole process run; its start-up (some 40 ms with microvm)
-varies from run to run -- an error that the differencing cannot remove,
-only dilute.  So QEMU gets a larger N (its per-exit error is start-up
-jitter / (N - small)); the spread of its T(small) is reported as
-``qemu_startup_s`` to show the size of that jitter.
-The runs are **interleaved**: each round runs every variant (small, then
-N) back to back, and the rounds repeat, so a change in the machine's load
-hits all alike; the ratios are taken within each round and their median
-reported.  Exit counts are checked (N + 1 IO exits for qkio and C).
+**The guest is the stopwatch.**  With ``chunk=K`` it reads its time stamp
+counter before and after every K OUTs and prints the cycles of each chunk
+on COM1 when it is done (see ``pio-loop.s``); the benchmark reads them from
+the guest's output -- qkio's console, C's capture of port 0x3f8, QEMU's
+stdout -- and converts them with the guest's TSC rate (``KVM_GET_TSC_KHZ``,
+which ``pio_ref`` reports).  So every implementation is timed by the same
+clock over the same instructions, and nothing outside the loop -- QEMU's
+start-up, qkio's thread start, any VMM's shutdown -- is in the figure.
+Each run of N OUTs gives N / K chunks: a distribution, not one number.
+
+**Why the fastest chunk.**  On this host the cost of an exit is not one
+number from one moment to the next.  Measured while this method was built,
+with nobody else's load on the VM: ``pio_ref`` pinned to one CPU, timed
+every 10,000 exits within one process, went between 6.3 and 9.4 µs per
+exit from one 80 ms stretch to the next; a plain arithmetic loop with no
+exits at all, pinned the same way, took between 11.4 and 25 ms for the same
+work, with its thread's CPU time equal to the wall time (it was never
+descheduled) and no steal counted in ``/proc/stat``.  The CPU under the VM
+gets slower and faster by itself -- the hypervisor's other tenants, which
+this machine cannot see -- for stretches of tens of milliseconds to
+seconds.  A per-exit figure for a whole run is then an average over however
+many slow stretches the run happened to catch, which is why whole-run
+figures of the same build were 7.4 in one round and 11 µs in the next.
+The fastest chunk of a run is the cost of an exit while the host gave the
+VM its full speed, which every run of tens of chunks reaches; it is the
+figure the targets are judged on.  The median chunk is reported beside it,
+and the slow stretches are what separate the two.
+
+**Pinned to one CPU.**  The vCPU thread of each implementation runs on the
+same CPU (``cpu``, by default the highest this process may use): qkio's
+whole process for the run (the threads the run starts inherit it), and the
+whole C and QEMU processes (``sched_setaffinity`` before they exec).  Left
+free, a thread lands on either of the two CPUs, whose speeds differ from
+moment to moment; pinned, the rounds agree far better (in the probe that
+chose this: fastest chunk of qkio's unowned port 8.38-8.56 µs in four of
+five rounds pinned, 6.93-9.35 free).
+
+**Interleaved.**  Each round runs every variant once, in the opposite order
+every other round, so a slow stretch of the host falls on all alike over
+the run; the ratios are taken within each round and their median reported.
+A ratio is said to differ from another implementation's only when the
+difference of the two medians is larger than the run's own spread (the
+range of the per-round figures: :func:`qkio.bench.stats.verdict`).  Exit
+counts are checked: qkio and C take exactly N + 1 IO exits plus two per
+byte the guest prints (an IN of the line status and an OUT).
 
 Targets: qkio <= 1.10 x C and <= 1.05 x QEMU on the device's port, and
-<= 1.05 x QEMU on the unowned port.  If the native loop cannot be built
-here, "qkio" is the Python loop, the result says so (``qkio_exit_path``),
-and the comparison is made all the same.
+<= 1.05 x QEMU on the unowned port, each the median of the per-round ratios
+of the fastest chunks.  If the native loop cannot be built here, "qkio" is
+the Python loop, the result says so (``qkio_exit_path``), and the
+comparison is made all the same.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 from typing import Any
 
 from .build import build_guest
-from .guest_run import DEVICE_PORT, UNOWNED_PORT, have_qemu, run_c, run_qemu, run_qkio
-from .stats import median, summarize
+from .guest_run import DEVICE_PORT, UNOWNED_PORT, RunFailed, chunk_cycles, have_qemu, run_c, run_qemu, run_qkio
+from .stats import median, summarize, verdict
 
 NAME = "pio"
 TITLE = "port-I/O exit round trip: qkio vs C (the floor) vs QEMU, to a device and to nobody"
 METHOD = ("same Multiboot guest doing N OUTs to a port (0x3ff: the UART's scratch register; 0x500: "
-          "nobody's); per exit = (T(N) - T(small)) / (N - small); qkio / qkio-python / C / QEMU "
-          "interleaved in each round; ratios per round")
+          "nobody's), timing itself with its TSC every K OUTs; per exit = cycles of a chunk / K; "
+          "fastest and median chunk of each run; every variant pinned to one CPU; qkio / "
+          "qkio-python / C / QEMU interleaved in each round; ratios per round")
 #: variant -> (implementation, port)
 VARIANTS = {
     "qkio": ("qkio", DEVICE_PORT),
@@ -80,71 +118,121 @@ VARIANTS = {
 TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05, "qkio unowned/qemu unowned": 1.05}
 
 
-def _checked_qkio(elf, n, port, exit_path=None, seen=None):
-    seconds, info = run_qkio(elf, n, exit_path=exit_path, port=port)
-    io_exits = info["exits"].get(2, 0)
-    if io_exits != n + 1:
-        raise RuntimeError(f"qkio took {io_exits} IO exits for count={n}, expected {n + 1}")
+def _pinned(cpu: int | None, fn):
+    """Run ``fn()`` with this thread on ``cpu`` (threads it starts inherit it)."""
+    if cpu is None:
+        return fn()
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        return fn()
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _io_exits_expected(n: int, console: str) -> int:
+    # the OUTs, two exits per byte printed (LSR poll, THR write), isa-debug-exit
+    return n + 2 * len(console.encode()) + 1
+
+
+def _qkio(elf, n, port, chunk, cpu, exit_path=None, seen=None):
+    _, info = _pinned(cpu, lambda: run_qkio(elf, n, exit_path=exit_path, port=port, chunk=chunk))
+    io_exits, expected = info["exits"].get(2, 0), _io_exits_expected(n, info["console"])
+    if io_exits != expected:
+        raise RunFailed(f"qkio took {io_exits} IO exits for count={n}, expected {expected}")
     if seen is not None:
         seen.add(info["exit_path"])
-    return seconds
+    return info["console"], None
 
 
-def _checked_c(elf, n, port):
-    seconds, info = run_c(elf, n, port=port)
-    if info["exits"] != n + 1:
-        raise RuntimeError(f"pio_ref took {info['exits']} exits for count={n}, expected {n + 1}")
-    return seconds
+def _c(elf, n, port, chunk, cpu):
+    _, info = _pinned(cpu, lambda: run_c(elf, n, port=port, chunk=chunk))
+    if info["exits"] != _io_exits_expected(n, info["console"]):
+        raise RunFailed(f"pio_ref took {info['exits']} exits for count={n}, "
+                        f"expected {_io_exits_expected(n, info['console'])}")
+    return info["console"], info["tsc_khz"]
 
 
-def run(quick: bool = False, progress=None, n: int | None = None, small: int | None = None,
-        rounds: int | None = None, qemu: bool | None = None, n_qemu: int | None = None) -> dict:
-    n = n or (20_000 if quick else 100_000)
-    n_qemu = n_qemu or (100_000 if quick else 400_000)
-    small = small or (1_000 if quick else 2_000)
+def _qemu(elf, n, port, chunk, cpu):
+    return _pinned(cpu, lambda: run_qemu(elf, n, port=port, chunk=chunk))[1]["console"], None
+
+
+def default_cpu() -> int | None:
+    """The CPU every variant is pinned to: the highest this process may use (None: only one)."""
+    cpus = os.sched_getaffinity(0)
+    return max(cpus) if len(cpus) > 1 else None
+
+
+def run(quick: bool = False, progress=None, n: int | None = None, chunk: int | None = None,
+        rounds: int | None = None, qemu: bool | None = None, cpu: int | None | str = "default") -> dict:
+    """Run the benchmark; ``cpu``: the CPU to pin every variant to ("default":
+    :func:`default_cpu`), None for no pinning."""
+    chunk = chunk or 1000
+    n = n or (20 if quick else 50) * chunk
     rounds = rounds or (3 if quick else 9)
+    if n < chunk:
+        raise ValueError(f"count {n} is less than one chunk of {chunk}")
+    pin = default_cpu() if isinstance(cpu, str) else cpu
     qemu = have_qemu() if qemu is None else qemu
     elf = build_guest("pio-loop")
     paths: set[str] = set()
-    impls = {"qkio": lambda e, k, p: _checked_qkio(e, k, p, seen=paths),
-             "qkio-python": lambda e, k, p: _checked_qkio(e, k, p, exit_path="python"),
-             "c": _checked_c,
-             "qemu": lambda e, k, p: run_qemu(e, k, port=p)[0]}
+    impls = {"qkio": lambda p: _qkio(elf, n, p, chunk, pin, seen=paths),
+             "qkio-python": lambda p: _qkio(elf, n, p, chunk, pin, exit_path="python"),
+             "c": lambda p: _c(elf, n, p, chunk, pin),
+             "qemu": lambda p: _qemu(elf, n, p, chunk, pin)}
     variants = {v: (impls[impl], port) for v, (impl, port) in VARIANTS.items()
                 if qemu or impl != "qemu"}
-    counts = {v: n_qemu if VARIANTS[v][0] == "qemu" else n for v in variants}
-    per_exit: dict[str, list[float]] = {v: [] for v in variants}
-    startup = []
+    fastest: dict[str, list[float]] = {v: [] for v in variants}
+    typical: dict[str, list[float]] = {v: [] for v in variants}
+    cycles: dict[str, list[list[int]]] = {v: [] for v in variants}
+    tsc_khz: int | None = None
     for r in range(rounds):
-        for v, (fn, port) in variants.items():
-            big = counts[v]
+        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        for v in order:
+            fn, port = variants[v]
             if progress:
-                progress(f"round {r + 1}/{rounds}: {v}, count={small} and {big}")
-            t_small = fn(elf, small, port)
-            t_n = fn(elf, big, port)
-            per_exit[v].append((t_n - t_small) / (big - small) * 1e6)
-            if VARIANTS[v][0] == "qemu":
-                startup.append(t_small)
-    result: dict[str, Any] = {"method": METHOD, "count": counts, "small": small, "rounds": rounds, "quick": quick,
-              "ports": {v: VARIANTS[v][1] for v in variants},
-              "per_exit_us": {v: summarize(x) for v, x in per_exit.items()},
-              "rounds_us": {v: [round(x, 3) for x in xs] for v, xs in per_exit.items()},
-              "ratios": {}, "targets": {}}
+                progress(f"round {r + 1}/{rounds}: {v}, count={n}")
+            console, khz = fn(port)
+            tsc_khz = khz or tsc_khz
+            k, chunks = chunk_cycles(console)
+            if k != chunk or len(chunks) != n // chunk:
+                raise RunFailed(f"{v}: the guest timed {len(chunks)} chunks of {k}, "
+                                f"expected {n // chunk} of {chunk}")
+            cycles[v].append(chunks)
+    if not tsc_khz or tsc_khz <= 0:
+        raise RunFailed(f"KVM did not give the guest's TSC rate (KVM_GET_TSC_KHZ: {tsc_khz})")
+    for v, runs in cycles.items():
+        for chunks in runs:
+            fastest[v].append(min(chunks) / chunk / tsc_khz * 1e3)
+            typical[v].append(statistics.median(chunks) / chunk / tsc_khz * 1e3)
+    result: dict[str, Any] = {
+        "method": METHOD, "count": n, "chunk": chunk, "rounds": rounds, "quick": quick,
+        "cpu": pin, "tsc_khz": tsc_khz,
+        "ports": {v: VARIANTS[v][1] for v in variants},
+        # per variant, over the rounds: each run's fastest chunk, and its median chunk
+        "per_exit_us": {v: summarize(x) for v, x in fastest.items()},
+        "median_chunk_us": {v: summarize(x) for v, x in typical.items()},
+        "rounds_us": {v: [round(x, 3) for x in xs] for v, xs in fastest.items()},
+        "rounds_median_chunk_us": {v: [round(x, 3) for x in xs] for v, xs in typical.items()},
+        "ratios": {}, "ratios_median_chunk": {}, "targets": {}, "verdicts": {}}
     from qkio import native
     result["qkio_exit_path"] = "/".join(sorted(paths))
     if "python" in paths:
         result["qkio_exit_path_why"] = native.unavailable_reason
-    python_vs_c = [p / c for p, c in zip(per_exit["qkio-python"], per_exit["c"])]
-    result["ratios"]["qkio-python/c"] = summarize(python_vs_c)
+    result["ratios"]["qkio-python/c"] = summarize(
+        [p / c for p, c in zip(fastest["qkio-python"], fastest["c"])])
     for key, target in TARGETS.items():
         a, b = key.split("/")
-        if a in per_exit and b in per_exit:
-            ratios = [x / y for x, y in zip(per_exit[a], per_exit[b])]
+        if a in fastest and b in fastest:
+            ratios = [x / y for x, y in zip(fastest[a], fastest[b])]
             result["ratios"][key] = summarize(ratios)
+            result["ratios_median_chunk"][key] = summarize(
+                [x / y for x, y in zip(typical[a], typical[b])])
             result["targets"][key] = {"target": target, "median": round(median(ratios), 3),
                                       "met": median(ratios) <= target}
-    if startup:
-        result["qemu_startup_s"] = summarize(startup)
+            result["verdicts"][key] = verdict(
+                a, {"latency_us": summarize(fastest[a]), "round_p50_us": fastest[a]},
+                b, {"latency_us": summarize(fastest[b]), "round_p50_us": fastest[b]})
     if not qemu:
         result["qemu"] = f"skipped: {'qemu-system-x86_64 not found' if not have_qemu() else 'not asked for'}"
     return result
@@ -154,23 +242,25 @@ def table(result: dict) -> list[tuple[str, str]]:
     rows = []
     for v, d in result["per_exit_us"].items():
         port = result.get("ports", {}).get(v)
-        rows.append((v, f"{d['p50']:.3g} µs per exit (min {d['min']:.3g}, max {d['max']:.3g}; "
-                        f"{d['n']} rounds)" + (f"; port {port:#x}" if port is not None else "")))
+        m = result["median_chunk_us"][v]
+        rows.append((v, f"{d['p50']:.3g} µs per exit, fastest chunk (rounds {d['min']:.3g}-{d['max']:.3g}); "
+                        f"median chunk {m['p50']:.3g} (rounds {m['min']:.3g}-{m['max']:.3g})"
+                        + (f"; port {port:#x}" if port is not None else "")))
     for key, t in result["targets"].items():
-        d = result["ratios"][key]
-        rows.append((key, f"{t['median']:.3f} (min {d['min']:.3f}, max {d['max']:.3f}); "
-                          f"target <= {t['target']}: {'met' if t['met'] else 'MISSED'}"))
+        d, m = result["ratios"][key], result["ratios_median_chunk"][key]
+        rows.append((key, f"{t['median']:.3f} (rounds {d['min']:.3f}-{d['max']:.3f}); "
+                          f"target <= {t['target']}: {'met' if t['met'] else 'MISSED'}; "
+                          f"median chunks {m['p50']:.3f} (rounds {m['min']:.3f}-{m['max']:.3f})"))
+        rows.append(("", result["verdicts"][key]["text"].replace("`", "")))
     d = result["ratios"]["qkio-python/c"]
-    rows.append(("qkio-python/c", f"{d['p50']:.3f} (min {d['min']:.3f}, max {d['max']:.3f}); "
+    rows.append(("qkio-python/c", f"{d['p50']:.3f} (rounds {d['min']:.3f}-{d['max']:.3f}); "
                                   "the same loop in pure Python, for comparison"))
     path = result.get("qkio_exit_path")
     if path and path != "native":
         rows.append(("qkio exit path", f"{path} ({result.get('qkio_exit_path_why')})"))
-    if "qemu_startup_s" in result:
-        d = result["qemu_startup_s"]
-        err = (d["max"] - d["min"]) / (result["count"]["qemu"] - result["small"]) * 1e6
-        rows.append(("qemu start-up", f"{d['p50']:.3g} s (min {d['min']:.3g}, max {d['max']:.3g}): "
-                                      f"its jitter alone is ±{err / 2:.2g} µs per exit"))
+    pinned = f"pinned to CPU {result['cpu']}" if result["cpu"] is not None else "not pinned"
+    rows.append(("method", f"{result['rounds']} rounds of {result['count']:,} OUTs timed by the guest "
+                           f"in chunks of {result['chunk']:,}; {pinned}"))
     if "qemu" in result:
         rows.append(("qemu", result["qemu"]))
     if result.get("quick"):

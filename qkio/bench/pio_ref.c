@@ -11,8 +11,10 @@
  * plain number, e.g. "count=1000 port=1280"), and loops on KVM_RUN:
  *
  *   KVM_EXIT_IO to port 0xf4   -> the guest is done: stop
+ *   an OUT to 0x3f8 (COM1)     -> keep the byte: the guest's console output
  *   any other KVM_EXIT_IO      -> count it, do nothing else: an OUT is dropped,
- *                                 an IN reads all ones (a port nobody owns)
+ *                                 an IN reads all ones (a port nobody owns;
+ *                                 for the UART's line status: "ready")
  *   anything else              -> fail
  *
  * With IOEVENTFD_PORT, a KVM_IOEVENTFD is registered on that port first, so
@@ -22,9 +24,13 @@
  * whole run of the hello guest as the part of a run that is KVM's.  (hello
  * polls the UART's line status with IN; all ones says "ready".)
  *
- * It prints one JSON line: {"exits": E, "seconds": S}, S being the time
- * from just before the first KVM_RUN to just after the last one
- * (CLOCK_MONOTONIC).  Setup and teardown are outside S.
+ * It prints one JSON line: {"exits": E, "seconds": S, "tsc_khz": F,
+ * "console": "..."}, S being the time from just before the first KVM_RUN to
+ * just after the last one (CLOCK_MONOTONIC), F the rate of the guest's time
+ * stamp counter (KVM_GET_TSC_KHZ: what pio-loop's chunk=K cycles are counted
+ * in) and console the bytes written to COM1 (printable ASCII and newlines; a
+ * byte outside that range is written as '?').  Setup and teardown are
+ * outside S.
  */
 #define _GNU_SOURCE
 #include <elf.h>
@@ -46,6 +52,8 @@ static uint64_t RAM_SIZE = 8u << 20;
 #define MBI_ADDR   0x8000u
 #define CMDLINE    0x8100u
 #define DEBUG_EXIT 0xf4
+#define COM1       0x3f8
+#define CONSOLE_MAX 65536
 
 static void die(const char *what)
 {
@@ -184,6 +192,10 @@ int main(int argc, char **argv)
     struct kvm_regs regs = { .rip = entry, .rflags = 2, .rax = 0x2BADB002, .rbx = MBI_ADDR };
     xioctl(vcpu, KVM_SET_REGS, (unsigned long)&regs, "KVM_SET_REGS");
 
+    int tsc_khz = ioctl(vcpu, KVM_GET_TSC_KHZ, 0);  /* -1 if the kernel cannot say */
+    static char console[CONSOLE_MAX + 1];
+    size_t console_len = 0;
+
     /* The loop being measured. */
     long exits = 0;
     struct timespec t0, t1;
@@ -201,13 +213,30 @@ int main(int argc, char **argv)
         }
         if (run->io.port == DEBUG_EXIT)
             break;
+        if (run->io.port == COM1 && run->io.direction == KVM_EXIT_IO_OUT) {
+            const uint8_t *data = (const uint8_t *)run + run->io.data_offset;
+            for (uint32_t i = 0; i < (uint32_t)run->io.size * run->io.count; i++)
+                if (console_len < CONSOLE_MAX)
+                    console[console_len++] = data[i] == '\n' || (data[i] >= ' ' && data[i] < 0x7f)
+                                             ? (char)data[i] : '?';
+            continue;
+        }
         /* A port nobody owns: an OUT is dropped, an IN reads all ones. */
         if (run->io.direction == KVM_EXIT_IO_IN)
             memset((uint8_t *)run + run->io.data_offset, 0xff,
                    (size_t)run->io.size * run->io.count);
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
-    printf("{\"exits\": %ld, \"seconds\": %.9f}\n", exits,
-           (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+    printf("{\"exits\": %ld, \"seconds\": %.9f, \"tsc_khz\": %d, \"console\": \"", exits,
+           (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9, tsc_khz);
+    for (size_t i = 0; i < console_len; i++) {  /* JSON: only '\n', '"' and '\\' need escaping */
+        if (console[i] == '\n')
+            fputs("\\n", stdout);
+        else if (console[i] == '"' || console[i] == '\\')
+            printf("\\%c", console[i]);
+        else
+            putchar(console[i]);
+    }
+    puts("\"}");
     return 0;
 }

@@ -40,7 +40,8 @@ GUESTS: dict[str, str] = {
     "echo-irq": "echoes COM1 input from its IRQ 4 handler, sleeping in HLT between bytes; 'q' exits (status 1)",
     "flood": "prints count=N bytes (default 10000) on COM1 as fast as it can, then exits 33",
     "count-loop": "runs a loop of count=N iterations (default 1000000), two instructions each, with no exit; then exits 33",
-    "pio-loop": "writes port 0x80 (or port=P, decimal) count=N times (default 10000), one exit each, then exits 33",
+    "pio-loop": "writes port 0x80 (or port=P, decimal) count=N times (default 10000), one exit each, then exits 33; "
+                "chunk=K times every K writes with the TSC and prints the cycles",
     "smp": "starts the other CPUs with INIT/SIPI; all count and report to port 0x501; count=N iterations (0: forever)",
     "virtio-blk": "finds a virtio-blk disk on virtio-mmio, writes count=N sectors (default 8) and reads "
                   "them back, polling (or with irq=1 sleeping until IRQ 12); needs --drive file=IMG",
