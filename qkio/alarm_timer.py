@@ -45,9 +45,9 @@ two differ only when the wall clock is stepped while the alarm is armed.
 
 from __future__ import annotations
 
+import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import ctypes
 import os
-import signal
 
 from qkio.libc import libc as _libc
 

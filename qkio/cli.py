@@ -465,7 +465,7 @@ def run_main(args, closed: frozenset[int] = frozenset()) -> int:
     #    every thread created from here on (vCPUs, the signal thread)
     #    inherits the mask, so a process-directed SIGTERM can only be taken
     #    by the path chosen.
-    import signal
+    import _signal as signal  # as main() does: the stdlib's signal would build its enums
 
     from .signals import REALTIME_SIGNALS, VMM_SIGNALS, block_vmm_signals
     block_vmm_signals(VMM_SIGNALS + REALTIME_SIGNALS)

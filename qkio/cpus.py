@@ -58,9 +58,9 @@ interrupt anything.
 
 from __future__ import annotations
 
+import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import collections
 import errno
-import signal
 import threading
 import time
 from collections.abc import Callable

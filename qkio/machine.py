@@ -28,10 +28,10 @@ got there, so the models need no locking of their own.
 
 from __future__ import annotations
 
+import _signal  # signal's C half: the same calls, plain ints, no enums built at import
 import errno
 import mmap
 import os
-import signal as _signal
 import sys
 import threading
 from collections.abc import Callable

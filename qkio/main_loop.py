@@ -61,11 +61,11 @@ when there is work to do right now (a scheduled bottom half).
 
 from __future__ import annotations
 
+import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import errno
 import heapq
 import itertools
 import select
-import signal
 import threading
 import time
 from collections.abc import Callable

@@ -55,9 +55,9 @@ The "virtio" work (issue 14) uses this pool for its block device; its API is
 
 from __future__ import annotations
 
+import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import errno
 import os
-import signal
 import threading
 import time
 from collections import deque

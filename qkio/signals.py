@@ -77,10 +77,10 @@ thread's ``signalfd`` read or ``sigwaitinfo`` can take it.
 
 from __future__ import annotations
 
+import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import ctypes
 import errno
 import os
-import signal
 import struct
 import threading
 from collections.abc import Callable, Iterable
@@ -112,10 +112,11 @@ REALTIME_SIGNALS: tuple[int, ...] = tuple(range(signal.SIGRTMIN, signal.SIGRTMAX
 
 def signal_name(signo: int) -> str:
     """``SIGTERM``, or ``SIGRTMIN+3`` for a real-time signal (which have no names of their own)."""
-    try:
-        return signal.Signals(signo).name
-    except ValueError:
-        return f"SIGRTMIN+{signo - signal.SIGRTMIN}"
+    # The name signal.Signals would give: of several names for one number
+    # (SIGABRT and SIGIOT), the first in alphabetical order.
+    names = [name for name, value in vars(signal).items()
+             if name.startswith("SIG") and not name.startswith("SIG_") and value == signo]
+    return min(names) if names else f"SIGRTMIN+{signo - signal.SIGRTMIN}"
 
 
 #: ``sizeof(struct signalfd_siginfo)``: every record is exactly this long.

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from qkio.signals import SIGNALFD_SIGINFO_SIZE, SigInfo
+from qkio.signals import SIGNALFD_SIGINFO_SIZE, SigInfo, signal_name
 
 CHILD = ("-m", "qkio.lab.signal_child")  # shipped with qkio: chapter 7 runs it too
 RT0 = signal.SIGRTMIN + 8  # the child's first real-time signal
@@ -322,3 +322,14 @@ def test_signal_latency_per_path(child, method):
     median = lat[len(lat) // 2]
     print(f"\n{method}: median {median * 1e6:.0f} us, max {lat[-1] * 1e6:.0f} us")
     assert median < 0.05
+
+
+def test_signal_names_are_the_signal_modules():
+    """qkio names signals without the stdlib's ``signal`` module (its enums cost start-up
+    time): the names are the ones ``signal.Signals`` gives, real-time ones as SIGRTMIN+n."""
+    for signo in range(1, signal.SIGRTMAX + 1):
+        try:
+            expected = signal.Signals(signo).name
+        except ValueError:
+            expected = f"SIGRTMIN+{signo - signal.SIGRTMIN}"
+        assert signal_name(signo) == expected
