@@ -72,7 +72,6 @@ from collections.abc import Callable
 from threading import get_ident
 
 from qkio import trace
-from qkio.alarm_timer import DynticksAlarm
 from qkio.bql import GlobalMutex
 from qkio.notify import EventNotifier
 
@@ -84,6 +83,8 @@ __all__ = ["IOHandlerRecord", "QEMUTimer", "QEMUBH", "MainLoop", "BACKENDS", "ma
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from qkio.alarm_timer import DynticksAlarm  # imported by init_timer_alarm, for --clock alarm only
     IOHandler = Callable[[Any], Any]
     IOCanReadHandler = Callable[[Any], int]
 
@@ -473,6 +474,7 @@ class MainLoop:
             raise RuntimeError("this loop already has an alarm timer")
         if signal.SIGALRM not in source.signals:
             raise ValueError("the alarm clock needs a signal source that takes SIGALRM")
+        from qkio.alarm_timer import DynticksAlarm  # here: a run with --clock deadline never loads it
         alarm = DynticksAlarm(self)
         alarm.start(source)
         self.alarm_timer = alarm
