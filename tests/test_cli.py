@@ -207,6 +207,27 @@ def test_qkio_run_imports_only_what_it_uses():
     assert not loaded & unwanted, sorted(loaded & unwanted)
 
 
+def test_qkio_run_collects_no_garbage_while_starting_and_all_of_it_while_running():
+    """Start-up makes only objects that live as long as the run (qkio.cli._pause_gc):
+    no collection runs between the command line and the guest's start; from then
+    on the collector is on, with start-up's objects frozen out of its way."""
+    code = ("import gc, sys\n"
+            "import qkio.cli, qkio.machine\n"
+            "seen = []\n"
+            "gc.callbacks.append(lambda phase, info: phase == 'start' and seen.append(info['generation']))\n"
+            "run = qkio.machine.Machine.run\n"
+            "def checked(self, *args, **kwargs):\n"
+            "    print(len(seen), gc.isenabled(), gc.get_freeze_count() > 0, file=sys.stderr, flush=True)\n"
+            "    return run(self, *args, **kwargs)\n"
+            "qkio.machine.Machine.run = checked\n"
+            "sys.argv[1:] = ['run', '--kernel', sys.argv[1]]\n"
+            "qkio.cli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code, str(test_kernel("hello"))],
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 33, result.stderr
+    assert result.stderr == "0 True True\n"
+
+
 def test_version_is_the_one_version_number():
     import importlib.metadata
 
