@@ -143,14 +143,18 @@ def _scan_for_header(image: bytes | memoryview) -> tuple[int | None, int | None]
     """
     bad_checksum = None
     limit = min(HEADER_SEARCH_SIZE - 48, len(image) - 12 + 1)
-    for offset in range(0, max(limit, 0), HEADER_ALIGN):
-        magic, flags, checksum = struct.unpack_from("<III", image, offset)
-        if magic != HEADER_MAGIC:
-            continue
-        if (magic + flags + checksum) & 0xFFFF_FFFF == 0:
-            return offset, bad_checksum
-        if bad_checksum is None:
-            bad_checksum = offset
+    # bytes.find visits the candidates, not every aligned word: a kernel's
+    # header sits after its ELF headers, a thousand words in.
+    window, magic_bytes = bytes(image[:HEADER_SEARCH_SIZE]), HEADER_MAGIC.to_bytes(4, "little")
+    offset = window.find(magic_bytes)
+    while 0 <= offset < limit:
+        if offset % HEADER_ALIGN == 0:
+            magic, flags, checksum = struct.unpack_from("<III", image, offset)
+            if (magic + flags + checksum) & 0xFFFF_FFFF == 0:
+                return offset, bad_checksum
+            if bad_checksum is None:
+                bad_checksum = offset
+        offset = window.find(magic_bytes, offset + 1)
     return None, bad_checksum
 
 
