@@ -46,7 +46,7 @@ from .cpus import CpuThread, install_sig_ipi_handler
 from .devices import FwCfg, IsaDebugExit, PortBus, Serial
 from .devices.debug_exit import ISA_DEBUG_EXIT_IOBASE, ISA_DEBUG_EXIT_IOSIZE
 from .devices.fw_cfg import FW_CFG_CTL_SIZE, FW_CFG_IO_BASE
-from .devices.mmio import MmioBus
+from .devices.mmio import UNASSIGNED_VALUE, MmioBus
 from .errors import BadKernel, GuestFailure, MachineStateError, QkioError
 from .kvm import GuestMemory, Kvm
 from .kvm.constants import ExitReason
@@ -478,7 +478,7 @@ class Machine:
     def _log_unassigned_mmio(self, addr: int, size: int, is_write: bool) -> None:
         what = "write" if is_write else "read"
         self.log(f"unassigned memory {addr:#x} ({what}, {size} bytes)"
-                 + ("" if is_write else " reads as all ones"))
+                 + ("" if is_write else f" reads as {UNASSIGNED_VALUE}"))
 
     # --- signals -----------------------------------------------------------------
 

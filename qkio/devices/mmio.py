@@ -14,15 +14,28 @@ The differences from the port bus follow from the address space:
 * accesses are 1, 2, 4 or 8 bytes (KVM's ``kvm_run.mmio.len``), the same
   device protocol otherwise: ``io_read(offset, size) -> int`` and
   ``io_write(offset, size, value)``;
-* an access that runs off the end of its device, or touches no device, is
-  QEMU's ``unassigned_mem_ops`` case (softmmu/physmem.c in QEMU 7.2): reads
-  are all ones, writes vanish.  Only the first such access to each 4 KiB page
-  is reported, and only for the first :data:`REPORT_LIMIT` pages, so that a
-  probing guest (one scanning the 4 GiB hole touches a million pages) neither
-  floods the log nor grows the record without bound -- the port bus is bounded
-  by its 64 Ki ports; this bound plays that part.  (The device
-  itself decides about unaligned or odd-sized accesses inside its range; a
-  virtio-mmio transport, for one, ignores them as QEMU's does.)
+* an access that touches no device, or runs off the end of one, reads as 0
+  and its write vanishes.  That is what QEMU 7.2 answers, checked in its
+  source and live (``tests/test_devices_mmio.py`` runs the
+  ``unassigned-mmio`` guest on both): a guest-physical address outside
+  every region is ``io_mem_unassigned`` (softmmu/physmem.c, ``io_mem_init``),
+  whose ``unassigned_mem_ops`` (softmmu/memory.c) accept nothing, so
+  ``memory_region_dispatch_read`` answers with ``unassigned_mem_read``,
+  which returns 0, and ``kvm_cpu_exec`` (accel/kvm/kvm-all.c) passes those
+  bytes back for ``KVM_EXIT_MMIO`` without looking at the error.  (Port I/O
+  differs: QEMU's ``unassigned_io_ops``, softmmu/ioport.c, read all ones,
+  and so does :class:`~qkio.devices.ioport.PortBus`.)  One difference
+  remains: QEMU hands an access that starts inside a device and runs off
+  its end to that device whole (``address_space_translate_internal`` clamps
+  only RAM accesses to their region; its comment says why), where qkio's
+  devices never see such an access.
+* only the first unassigned access to each 4 KiB page is reported, and only
+  for the first :data:`REPORT_LIMIT` pages, so that a probing guest (one
+  scanning the 4 GiB hole touches a million pages) neither floods the log
+  nor grows the record without bound -- the port bus is bounded by its
+  64 Ki ports; this bound plays that part.  (The device itself decides
+  about unaligned or odd-sized accesses inside its range; a virtio-mmio
+  transport, for one, ignores them as QEMU's does.)
 """
 
 from __future__ import annotations
@@ -33,8 +46,10 @@ from collections.abc import Callable
 from qkio.devices.ioport import PortDevice
 from qkio.errors import QkioError
 
-#: Sizes KVM reports in ``kvm_run.mmio.len``, and their all-ones values.
-_ALL_ONES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+#: Sizes KVM reports in ``kvm_run.mmio.len``, and the mask of each.
+_MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
+#: What a load from an address nobody owns reads as (QEMU's ``unassigned_mem_read``).
+UNASSIGNED_VALUE = 0
 ADDRESS_LIMIT = 1 << 64
 #: Distinct pages whose unassigned accesses are reported; later ones are only counted.
 REPORT_LIMIT = 64
@@ -47,7 +62,7 @@ class MmioConflict(QkioError, ValueError):
 def log_unassigned(addr: int, size: int, is_write: bool) -> None:
     """Default :attr:`MmioBus.on_unassigned`: one line on stderr."""
     what = "write" if is_write else "read"
-    tail = "" if is_write else " reads as all ones"
+    tail = "" if is_write else f" reads as {UNASSIGNED_VALUE}"
     print(f"qkio: unassigned memory {addr:#x} ({what}, {size} bytes){tail}", file=sys.stderr)
 
 
@@ -93,22 +108,22 @@ class MmioBus:
         return None
 
     def read(self, addr: int, size: int) -> int:
-        if size not in _ALL_ONES:
+        if size not in _MASKS:
             raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
         hit = self.find(addr, size)
         if hit is None:
             self.report_unassigned(addr, size, False)
-            return _ALL_ONES[size]
-        return hit[0].io_read(hit[1], size) & _ALL_ONES[size]
+            return UNASSIGNED_VALUE
+        return hit[0].io_read(hit[1], size) & _MASKS[size]
 
     def write(self, addr: int, size: int, value: int) -> None:
-        if size not in _ALL_ONES:
+        if size not in _MASKS:
             raise ValueError(f"MMIO access size must be 1, 2, 4 or 8, not {size!r}")
         hit = self.find(addr, size)
         if hit is None:
             self.report_unassigned(addr, size, True)
             return
-        hit[0].io_write(hit[1], size, value & _ALL_ONES[size])
+        hit[0].io_write(hit[1], size, value & _MASKS[size])
 
     def report_unassigned(self, addr: int, size: int, is_write: bool) -> None:
         """Report an access nobody owns through :attr:`on_unassigned` (once per page,

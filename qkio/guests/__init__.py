@@ -52,6 +52,8 @@ GUESTS: dict[str, str] = {
     "mbinfo": "prints the Multiboot information structure: fields, modules, memory map, loader name",
     "triple": "dies by triple fault (a divide error with an empty IDT): KVM_EXIT_SHUTDOWN",
     "unassigned": "reads port 0x1234, which nothing claims, and prints the byte in hex (ff on a PC)",
+    "unassigned-mmio": "stores to and loads 1/2/4/8 bytes from 0xd0000000 (or addr=A), which nothing "
+                       "claims, and prints what came back; count=N more loads, ORed",
 }
 
 #: The include files and link script every guest may use; all are hashed.

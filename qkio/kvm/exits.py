@@ -240,13 +240,14 @@ def handle_mmio(bus: MmioBus, page, _unpack=_MMIO_FIELDS.unpack_from) -> None:
 
     The fast twin of decoding :class:`Mmio`, as :func:`handle_io` is for port I/O.
     A length KVM would never report (not 1, 2, 4 or 8) is not trusted: it is an
-    unassigned access (reads all ones) and nothing is dispatched.
+    unassigned access (reads as 0, as an address nobody owns does) and nothing
+    is dispatched.
     """
     addr, data, length, is_write = _unpack(page, _MMIO_AT)
     if length not in _MMIO_SIZES:
         bus.report_unassigned(addr, length, bool(is_write))
         if not is_write:
-            page[_MMIO_DATA:_MMIO_DATA + 8] = b"\xff" * 8
+            page[_MMIO_DATA:_MMIO_DATA + 8] = bytes(8)
         return
     if is_write:
         bus.write(addr, length, int.from_bytes(data[:length], "little"))
