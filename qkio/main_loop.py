@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import _signal as signal  # signal's C half: the same calls, plain ints, no enums built at import
 import errno
-import heapq
 import itertools
 import select
 import threading
@@ -484,6 +483,7 @@ class MainLoop:
     def _mod_timer(self, t: QEMUTimer, deadline_ns: int) -> None:
         t._gen += 1
         t.expire_ns = deadline_ns
+        import heapq  # here and below, not at the top: a run that arms no timer never loads it
         heapq.heappush(self._timers, (deadline_ns, next(self._seq), t._gen, t))
         if self.alarm_timer is not None:
             # qemu_mod_timer: re-arm the alarm if this timer is now the first;
@@ -502,6 +502,7 @@ class MainLoop:
     def _next_deadline(self) -> int | None:
         timers = self._timers
         while timers and timers[0][2] != timers[0][3]._gen:
+            import heapq  # loaded by _mod_timer, which put the timer there
             heapq.heappop(timers)  # stale: re-armed or deleted since pushed
         return timers[0][0] if timers else None
 
@@ -522,6 +523,7 @@ class MainLoop:
             deadline = self._next_deadline()
             if deadline is None or deadline > now:
                 return ran
+            import heapq  # loaded by _mod_timer
             _, _, _, t = heapq.heappop(self._timers)
             t.expire_ns = None
             t._gen += 1
