@@ -76,6 +76,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up
 if TYPE_CHECKING:
     from .bql import GlobalMutex
     from .devices.ioport import PortBus
+    from .devices.mmio import MmioBus
     from .kvm.vcpu import Vcpu
 
 SIG_IPI = signal.SIGUSR1
@@ -84,6 +85,7 @@ EXIT_PATHS = ("native", "python")
 
 _EXIT_IO = int(ExitReason.IO)      # plain ints: compared on every exit
 _EXIT_INTR = int(ExitReason.INTR)
+_EXIT_MMIO = int(ExitReason.MMIO)
 
 
 def install_sig_ipi_handler() -> bool:
@@ -156,13 +158,16 @@ class CpuThread:
     ``lock`` (``qemu_mutex``), the port ``bus`` its port-I/O exits go to,
     ``on_exit`` for every other exit and ``on_failure`` for one that ends the
     run (:class:`qkio.machine.Machine` passes its ``handle_exit`` and
-    ``guest_failed``).
+    ``guest_failed``).  ``mmio_bus``, if given, is the MMIO bus ``on_exit``
+    sends ``KVM_EXIT_MMIO`` to; the native loop reads its
+    :attr:`~qkio.devices.mmio.MmioBus.unowned_pages` to complete accesses to
+    memory nobody owns without calling ``on_exit``.
     """
 
     def __init__(self, vcpu: Vcpu, *, lock: GlobalMutex, bus: PortBus, on_exit: ExitHandler,
                  on_failure: FailureHandler, tracer: _trace.Tracer | None = None,
                  kick: str = "immediate_exit", exit_path: str | None = None, ipi_blocked: bool = False,
-                 on_sigbus: SigbusHandler | None = None):
+                 on_sigbus: SigbusHandler | None = None, mmio_bus: MmioBus | None = None):
         if kick not in KICK_STYLES:
             raise ValueError(f"kick style must be one of {KICK_STYLES}, not {kick!r}")
         # SIG_IPI blocked outside KVM_RUN: the signal_mask style's way, and the
@@ -177,6 +182,7 @@ class CpuThread:
         self.name = f"CPU {vcpu.id}/KVM"  # QEMU's thread name
         self.lock = lock
         self.bus = bus
+        self.mmio_bus = mmio_bus
         self.on_exit = on_exit
         self.on_failure = on_failure
         self.on_sigbus = on_sigbus
@@ -187,10 +193,11 @@ class CpuThread:
         # Exits by reason, one slot per reason: a list index is the cheapest
         # counter there is, and this one is bumped on every exit.
         self._tally = [0] * 64
-        # Port accesses the native loop completed: it bumps this in place (one
-        # aligned uint64; a memoryview, not array('Q'), which would load the
-        # array extension module on every run's start-up for one counter).
-        self._native_io_exits = memoryview(bytearray(8)).cast("Q")
+        # Port accesses (slot 0) and MMIO accesses (slot 1) the native loop
+        # completed: it bumps these in place (aligned uint64s; a memoryview,
+        # not array('Q'), which would load the array extension module on
+        # every run's start-up for two counters).
+        self._native_io_exits = memoryview(bytearray(16)).cast("Q")
         self.kicks_sent = 0
         self.kicks_received = 0
         self.last_exit: int | None = None
@@ -253,7 +260,8 @@ class CpuThread:
 
         With the native loop (:mod:`qkio.native`, ``exit_path="native"``), the
         first four steps -- drop the lock, ``KVM_RUN``, retake the lock,
-        complete a port access on its device -- run in C, over and over,
+        complete a port access on its device (or an access to memory nobody
+        owns, once reported: ``mmio_bus``) -- run in C, over and over,
         until an exit the C code does not handle; that exit (or the EINTR of
         a kick) comes back here and is handled below exactly as on the
         Python path.  With tracing on, every ``KVM_RUN`` goes through
@@ -265,7 +273,9 @@ class CpuThread:
         handle = self.on_exit
         tally = self._tally
         native_run = self._native.run if self._native is not None else None
-        table, native_io, reported = bus.table, self._native_io_exits, bus.reported
+        native_args: tuple = (fd, page, lock, bus.table, self._native_io_exits, bus.reported)
+        if self.mmio_bus is not None:
+            native_args += (self.mmio_bus.unowned_pages,)
         while True:
             if self._pending:
                 self._pending = False  # before reading the requests (module comment)
@@ -275,7 +285,7 @@ class CpuThread:
                 reason = self._run_traced()
             elif native_run is not None:
                 self.last_exit = _EXIT_IO  # what it was handling if a device raises
-                ret = native_run(fd, page, lock, table, native_io, reported)
+                ret = native_run(*native_args)
                 reason = ret if ret >= 0 else reason_for_errno(-ret)
             else:
                 unlock()  # pre_kvm_run: the guest runs without the lock
@@ -301,6 +311,7 @@ class CpuThread:
         names = ExitReason._value2member_map_
         tally = list(self._tally)
         tally[_EXIT_IO] += self._native_io_exits[0]
+        tally[_EXIT_MMIO] += self._native_io_exits[1]
         return collections.Counter({names.get(reason, reason): n
                                     for reason, n in enumerate(tally) if n})
 

@@ -335,7 +335,7 @@ class Machine:
                 cpu = CpuThread(vcpu, lock=self.lock, bus=self.bus, on_exit=self.handle_exit,
                                 on_failure=self.guest_failed, tracer=self.tracer,
                                 kick=kick, exit_path=exit_path, ipi_blocked=not self._ipi_handler,
-                                on_sigbus=self.kvm_on_sigbus)
+                                on_sigbus=self.kvm_on_sigbus, mmio_bus=self.mmio_bus)
             except BaseException:  # e.g. a bad kick style: close() only knows vCPUs in self.cpus
                 vcpu.close()
                 raise

@@ -11,7 +11,7 @@ import pytest
 
 from helpers.vmm import demo_guest
 from qkio.bench.guest_run import GUEST_EXIT_STATUS, QEMU, QEMU_ARGS
-from qkio.devices.mmio import MmioBus, MmioConflict
+from qkio.devices.mmio import REPORT_LIMIT, MmioBus, MmioConflict
 from qkio.kvm.constants import ExitReason
 from qkio.kvm.exits import handle_mmio
 from qkio.kvm.structs import kvm_run
@@ -142,6 +142,24 @@ def test_unassigned_reports_are_bounded(capsys):
     assert len(seen) == REPORT_LIMIT and len(bus._reported) == REPORT_LIMIT
     assert bus.unreported == 10_000 - REPORT_LIMIT
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_unowned_pages_hold_reported_pages_no_device_touches():
+    """What the native loop may answer for itself: a page once reported, with no byte
+    of any device on it -- a device registered there later takes the page back."""
+    bus, seen = quiet_bus()
+    bus.register(0xFEB00000, 0x200, Recorder(), "dev")
+    pages = bus.unowned_pages
+    assert pages[0] == 0 and len(pages) == 1 + REPORT_LIMIT
+    bus.read(0xD0000010, 4)
+    bus.read(0xD0000020, 8)           # the same page: nothing new
+    bus.read(0xFEB001FE, 4)           # off the device's end: reported, but its page holds the device
+    bus.write(0xD0001000, 2, 1)
+    assert seen == [(0xD0000010, 4, False), (0xFEB001FE, 4, False), (0xD0001000, 2, True)]
+    assert list(pages[:pages[0] + 1]) == [2, 0xD0000, 0xD0001]
+    bus.register(0xD0000F00, 0x100, Recorder(), "late")
+    assert list(pages[:pages[0] + 1]) == [1, 0xD0001]
+    assert bus.read(0xD0000F00, 4) == 0x12345678  # the late device answers; no report
 
 
 def test_port_access_past_0xffff_is_reported_at_its_own_port():

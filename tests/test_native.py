@@ -219,6 +219,66 @@ def test_unowned_ports_once_reported_are_completed_in_c():
     assert in_c == 6
 
 
+# Protected-mode code at 0x100000: two 4-byte loads from each of PAGES pages
+# from 0xd0000000 up, memory nobody owns, then isa-debug-exit with 0x10.
+MMIO_PAGES = 100
+SCAN_MMIO = b"".join([
+    b"\xB9" + MMIO_PAGES.to_bytes(4, "little"),  # mov ecx, PAGES
+    b"\xBF\x00\x00\x00\xD0",                # mov edi, 0xd0000000
+    b"\x8B\x07",                              # 1: mov eax, [edi]  -- the page's first access
+    b"\x8B\x07",                              #    mov eax, [edi]  -- its second
+    b"\x81\xC7\x00\x10\x00\x00",              #    add edi, 0x1000
+    b"\x49",                                  #    dec ecx
+    b"\x75\xF3",                              #    jnz 1b
+    b"\x66\xBA\xF4\x00", b"\xB8\x10\x00\x00\x00", b"\xEF",  # isa-debug-exit, status 33
+])
+
+
+def _scan_mmio(exit_path):
+    from qkio.devices.mmio import REPORT_LIMIT
+    reported = []
+    with Machine(memory_mib=2, console=lambda data: None, log=lambda msg: None,
+                 exit_path=exit_path) as machine:
+        bus = machine.mmio_bus
+        bus.on_unassigned = lambda *access: reported.append(access)
+        machine.load_flat(SCAN_MMIO, mode="protected", address=0x100000)
+        status = machine.run(timeout=60)
+        cpu = machine.cpus[0]
+        pages = bus.unowned_pages
+        assert pages[0] == len(set(bus._reported)) == REPORT_LIMIT == len(pages) - 1
+        return (status, reported, bus.unreported, cpu.exit_counts[ExitReason.MMIO]), cpu._native_io_exits[1]
+
+
+def test_unowned_mmio_once_reported_is_completed_in_c(capsys):
+    """A guest that loads twice from each of 100 pages nobody owns: the bus reports
+    the first 64 pages once each and counts the rest; the native loop answers the
+    second load of each reported page itself, and nothing else differs from the
+    Python path -- the same reports, the same count, the same exits."""
+    from qkio.devices.mmio import REPORT_LIMIT
+    native_run, in_c = _scan_mmio("native")
+    python_run, in_python_loop = _scan_mmio("python")
+    assert native_run == python_run and in_python_loop == 0
+    status, reported, unreported, mmio_exits = native_run
+    assert status == 33 and mmio_exits == 2 * MMIO_PAGES
+    assert reported == [(0xD0000000 + page * 4096, 4, False) for page in range(REPORT_LIMIT)]
+    # Pages past the limit come back to Python to be counted, both loads.
+    assert unreported == 2 * (MMIO_PAGES - REPORT_LIMIT)
+    assert in_c == REPORT_LIMIT
+    assert capsys.readouterr().err.count("pages reported") == 2  # once per run
+
+
+def test_the_same_unowned_mmio_address_n_times_is_one_report_and_n_completions():
+    """The unassigned-mmio guest with count=N: one report line, and every access
+    after it (its four loads of 1-8 bytes and N more) answered 0 in C."""
+    from test_devices_mmio import run_unassigned_mmio_on_qkio
+    n = 3000
+    status, out, logged, exits, cpu = run_unassigned_mmio_on_qkio("native", count=n)
+    assert status == 33 and out.endswith(f"count={n} or=00000000\n")
+    assert logged == ["unassigned memory 0xd0000000 (write, 8 bytes)"]
+    assert exits[ExitReason.MMIO] == 1 + 4 + n  # the 8-byte store, four loads, N loads
+    assert cpu._native_io_exits[1] == 4 + n     # all but the store that was reported
+
+
 class Null:
     def io_read(self, offset, size):
         return 0
@@ -324,8 +384,13 @@ def test_bad_arguments_are_refused():
     with Machine(memory_mib=2) as machine:
         vcpu = machine.cpus[0].vcpu
         counter = array.array("Q", [0])
-        with pytest.raises(TypeError, match="5 or 6 arguments"):
+        with pytest.raises(TypeError, match="5 to 7 arguments"):
             run(vcpu.fd)
+        table, reported, pages = machine.bus.table, machine.bus.reported, machine.mmio_bus.unowned_pages
+        with pytest.raises(ValueError, match="aligned 16-byte buffer with mmio_pages"):
+            run(vcpu.fd, vcpu.run_page, machine.lock, table, counter, reported, pages)
+        with pytest.raises(ValueError, match="mmio_pages must be"):
+            run(vcpu.fd, vcpu.run_page, machine.lock, table, array.array("Q", [0, 0]), reported, bytes(8))
         with pytest.raises(ValueError, match="reported must be"):
             run(vcpu.fd, vcpu.run_page, machine.lock, machine.bus.table, counter, bytearray(10))
         with pytest.raises(TypeError, match="table must be"):

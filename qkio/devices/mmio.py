@@ -75,6 +75,11 @@ class MmioBus:
         self._entries: list[tuple[int, int, PortDevice, str]] = []  # (base, end, device, name), same order
         self._reported: set[int] = set()                           # pages already reported
         self.unreported = 0  # unassigned accesses to pages beyond REPORT_LIMIT
+        # The reported pages no device touches, for qkio.native's exit loop
+        # (see unowned_pages): slot 0 the count n, slots 1..n the page
+        # numbers.  A memoryview of a bytearray rather than an array('Q'):
+        # a plain run would load the array extension for it (qkio.record).
+        self._unowned = memoryview(bytearray(8 * (1 + REPORT_LIMIT))).cast("Q")
 
     def register(self, base: int, length: int, device: PortDevice, name: str) -> None:
         """Give guest-physical ``base .. base+length-1`` to ``device``."""
@@ -90,6 +95,36 @@ class MmioBus:
         at = bisect.bisect_right(self._bases, base)
         self._bases.insert(at, base)
         self._entries.insert(at, (base, end, device, name))
+        # A page the native loop may answer for must not hold this device.
+        pages = self._unowned
+        kept = [page for page in pages[1:1 + pages[0]]
+                if not (base < (page + 1) << 12 and page << 12 < end)]
+        for i, page in enumerate(kept, 1):
+            pages[i] = page
+        pages[0] = len(kept)
+
+    @property
+    def unowned_pages(self) -> memoryview:
+        """The pages whose unassigned accesses the native exit loop may complete.
+
+        This is the bus's contract with ``qkio/native/cpu_exec.c``, as
+        :attr:`PortBus.table <qkio.devices.ioport.PortBus.table>` is for
+        ports: a buffer of native-endian uint64, slot 0 the count *n*, slots
+        1 to *n* page numbers (address >> 12) -- pages this bus has already
+        reported (:meth:`report_unassigned`) and on which no device owns a
+        byte.  The loop completes a ``KVM_EXIT_MMIO`` of 1, 2, 4 or 8 bytes
+        whose first and last byte lie on such pages itself, as :meth:`read`
+        and :meth:`write` would (a read is :data:`UNASSIGNED_VALUE`, a write
+        vanishes), without coming back to Python; everything else comes
+        back.  It holds at most :data:`REPORT_LIMIT` pages, whatever the
+        guest does: a page is added only when it is reported, so the
+        once-per-page and :data:`REPORT_LIMIT` rules are this bus's alone,
+        and an access to a page past the limit still comes here to be
+        counted in :attr:`unreported`.  Changed only by :meth:`register` and
+        :meth:`report_unassigned`, in place, with the global lock held (the
+        loop reads it with the lock held too).
+        """
+        return self._unowned
 
     def regions(self) -> list[tuple[int, int, str]]:
         """``(base, length, name)`` of every registered device, by base."""
@@ -136,6 +171,11 @@ class MmioBus:
             self.unreported += 1
             return
         self._reported.add(page)
+        start, end = page << 12, (page + 1) << 12
+        if not any(base < end and start < other_end for base, other_end, _, _ in self._entries):
+            pages = self._unowned
+            pages[1 + pages[0]] = page  # room: one slot per page of _reported
+            pages[0] += 1
         self.on_unassigned(addr, size, is_write)
         if len(self._reported) == REPORT_LIMIT:
             print(f"qkio: unassigned memory: {REPORT_LIMIT} pages reported; "

@@ -34,7 +34,7 @@
  *
  * The interface is one function:
  *
- *     run(fd, run_page, mutex, table, io_exits[, reported]) -> ret
+ *     run(fd, run_page, mutex, table, io_exits[, reported[, mmio_pages]]) -> ret
  *
  *   fd        the vCPU fd
  *   run_page  the mmap'ed struct kvm_run (anything with a writable buffer)
@@ -47,9 +47,14 @@
  *   io_exits  a writable buffer holding one native-endian uint64 (an
  *             array('Q', [0]), say): the number of port accesses completed
  *             here, bumped after each one so that other threads read a live
- *             count (the exit tally, the SIGHUP report) while we loop
+ *             count (the exit tally, the SIGHUP report) while we loop; with
+ *             mmio_pages, two: then the second counts MMIO accesses
  *   reported  optional: PortBus.reported, a byte per port, 1 once that unowned
  *             port has been reported
+ *   mmio_pages optional: MmioBus.unowned_pages, uint64s: a count n, then n
+ *             pages (address >> 12) already reported that no device touches;
+ *             with it, io_exits holds a second uint64, the MMIO accesses
+ *             completed here
  *
  * It loops until an exit it does not handle and returns that exit's reason
  * (>= 0) or, when KVM_RUN failed, -errno (EINTR is a kick, EAGAIN an AP woken
@@ -59,7 +64,11 @@
  * propagates, also with the mutex held.
  *
  * Exits it hands back untouched (the Python path then does the full work):
- * anything but KVM_EXIT_IO; string I/O (count > 1); a port nobody owns that
+ * anything but KVM_EXIT_IO and KVM_EXIT_MMIO; every KVM_EXIT_MMIO but one
+ * to memory nobody owns on a page MmioBus has reported (with the seventh
+ * argument, MmioBus.unowned_pages: that one is completed here, a write
+ * dropped, a read answered 0 -- QEMU 7.2's unassigned_mem_read -- so that it
+ * costs what an unowned port costs); string I/O (count > 1); a port nobody owns that
  * the bus has not reported yet (it logs each unowned port once; after that,
  * with the optional sixth argument `reported`, PortBus.reported, the access
  * is completed here: dropped, or read as all ones); an access that runs off
@@ -105,6 +114,7 @@
 #include <linux/kvm.h>
 #include <semaphore.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/ioctl.h>
 
 #define PORT_COUNT 0x10000
@@ -248,6 +258,8 @@ struct loop {
     QemuMutex *raw;  /* the mutex's raw_lock, if it is a QemuMutex; else NULL */
     Py_ssize_t owner_offset;  /* where the mutex keeps owner, if a plain slot; else -1 */
     const uint8_t *reported;  /* PortBus.reported, a flag per port; NULL if not given */
+    const uint64_t *mmio_pages;  /* MmioBus.unowned_pages; NULL if not given */
+    Py_ssize_t mmio_slots;       /* how many pages it has room for */
 };
 
 
@@ -339,6 +351,37 @@ static int complete_unowned(struct loop *l, int port, int size, uint8_t *data)
             return 0;
     if (l->run->io.direction == KVM_EXIT_IO_IN)
         store_le(data, size, 0xffffffffu);
+    return 1;
+}
+
+/* A KVM_EXIT_MMIO to memory nobody owns, on pages MmioBus has reported and
+ * no device touches (MmioBus.unowned_pages): complete it as MmioBus would --
+ * a write vanishes, a read is 0, QEMU 7.2's answer (softmmu/memory.c,
+ * unassigned_mem_read) -- without coming back to Python.  The list is short
+ * (REPORT_LIMIT pages at most, and a guest that probes memory touches one
+ * or two), so a scan costs less than anything smarter would.
+ * 1: done; 0: the Python path must take it. */
+static int complete_unowned_mmio(struct loop *l)
+{
+    struct kvm_run *run = l->run;
+    uint64_t addr = run->mmio.phys_addr, len = run->mmio.len, first, last, n;
+    int seen_first = 0, seen_last = 0;
+
+    if (!l->mmio_pages || (len != 1 && len != 2 && len != 4 && len != 8) || addr > UINT64_MAX - (len - 1))
+        return 0;
+    first = addr >> 12;
+    last = (addr + len - 1) >> 12;
+    n = l->mmio_pages[0];
+    if (n > (uint64_t)l->mmio_slots)
+        return 0;  /* never, from MmioBus; let Python answer */
+    for (uint64_t i = 1; i <= n; i++) {
+        seen_first |= l->mmio_pages[i] == first;
+        seen_last |= l->mmio_pages[i] == last;
+    }
+    if (!seen_first || !seen_last)
+        return 0;
+    if (!run->mmio.is_write)
+        memset(run->mmio.data, 0, len);
     return 1;
 }
 
@@ -452,14 +495,15 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
 {
     struct loop l = {0};
     PyObject *lock;
-    Py_buffer page, counter, reported;
+    Py_buffer page, counter, reported, mmio = {0};
     volatile uint64_t *io_exits;
     PyObject *result = NULL;
     int ret = 0, done;
 
-    if (argc != 5 && argc != 6) {
+    if (argc < 5 || argc > 7) {
         PyErr_SetString(PyExc_TypeError,
-                        "run(fd, run_page, mutex, table, io_exits[, reported]) takes 5 or 6 arguments");
+                        "run(fd, run_page, mutex, table, io_exits[, reported[, mmio_pages]]) "
+                        "takes 5 to 7 arguments");
         return NULL;
     }
     long fd = PyLong_AsLong(argv[0]);
@@ -476,13 +520,15 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     }
     if (PyObject_GetBuffer(argv[4], &counter, PyBUF_WRITABLE) < 0)
         return NULL;
-    if (counter.len < (Py_ssize_t)sizeof(uint64_t) || ((uintptr_t)counter.buf & 7)) {
-        PyErr_SetString(PyExc_ValueError, "io_exits must be an aligned 8-byte buffer, e.g. array('Q', [0])");
+    if (counter.len < (Py_ssize_t)sizeof(uint64_t) * (argc == 7 ? 2 : 1) || ((uintptr_t)counter.buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, argc == 7
+                        ? "io_exits must be an aligned 16-byte buffer with mmio_pages, e.g. array('Q', [0, 0])"
+                        : "io_exits must be an aligned 8-byte buffer, e.g. array('Q', [0])");
         PyBuffer_Release(&counter);
         return NULL;
     }
     io_exits = counter.buf;
-    if (argc == 6) {
+    if (argc >= 6) {
         /* Read-only here.  PortBus sets a flag when it reports a port, on the
          * Python path of some vCPU thread, with the mutex held; we read the
          * flags with the mutex held too, so never while one is being set. */
@@ -498,7 +544,27 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
         }
         l.reported = reported.buf;
     }
+    if (argc == 7) {
+        /* Read-only here, and read with the mutex held, as MmioBus changes it. */
+        if (PyObject_GetBuffer(argv[6], &mmio, PyBUF_SIMPLE) < 0) {
+            PyBuffer_Release(&reported);
+            PyBuffer_Release(&counter);
+            return NULL;
+        }
+        if (mmio.len < 2 * (Py_ssize_t)sizeof(uint64_t) || ((uintptr_t)mmio.buf & 7)) {
+            PyErr_SetString(PyExc_ValueError, "mmio_pages must be MmioBus.unowned_pages, "
+                            "aligned uint64s: a count, then pages");
+            PyBuffer_Release(&mmio);
+            PyBuffer_Release(&reported);
+            PyBuffer_Release(&counter);
+            return NULL;
+        }
+        l.mmio_pages = mmio.buf;
+        l.mmio_slots = mmio.len / (Py_ssize_t)sizeof(uint64_t) - 1;
+    }
     if (PyObject_GetBuffer(argv[1], &page, PyBUF_WRITABLE) < 0) {
+        if (l.mmio_pages)
+            PyBuffer_Release(&mmio);
         if (l.reported)
             PyBuffer_Release(&reported);
         PyBuffer_Release(&counter);
@@ -548,6 +614,10 @@ static PyObject *cpu_exec_run(PyObject *module, PyObject *const *argv, Py_ssize_
     for (;;) {
         if (run_once(&l, &ret) < 0)
             goto out;
+        if (ret >= 0 && l.run->exit_reason == KVM_EXIT_MMIO && complete_unowned_mmio(&l)) {
+            io_exits[1]++;
+            continue;
+        }
         if (ret < 0 || l.run->exit_reason != KVM_EXIT_IO) {
             if (ret >= 0)
                 ret = (int)l.run->exit_reason;
@@ -572,14 +642,17 @@ out:
     PyBuffer_Release(&counter);
     if (l.reported)
         PyBuffer_Release(&reported);
+    if (l.mmio_pages)
+        PyBuffer_Release(&mmio);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))cpu_exec_run, METH_FASTCALL,
-     "run(fd, run_page, mutex, table, io_exits[, reported]) -> ret: KVM_RUN with qemu_mutex\n"
-     "dropped, completing port I/O on PortBus devices (and on unowned ports already\n"
-     "reported), until an exit the caller must handle."},
+     "run(fd, run_page, mutex, table, io_exits[, reported[, mmio_pages]]) -> ret: KVM_RUN\n"
+     "with qemu_mutex dropped, completing port I/O on PortBus devices (and on unowned\n"
+     "ports, and MMIO to unowned pages, already reported), until an exit the caller\n"
+     "must handle."},
     {NULL, NULL, 0, NULL},
 };
 
