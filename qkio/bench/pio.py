@@ -45,25 +45,29 @@ stdout -- and converts them with the guest's TSC rate (``KVM_GET_TSC_KHZ``,
 which ``pio_ref`` reports).  So every implementation is timed by the same
 clock over the same instructions, and nothing outside the loop -- QEMU's
 start-up, qkio's thread start, any VMM's shutdown -- is in the figure.
-Each run of N OUTs gives N / K chunks: a distribution, not one number.
+Each run of N OUTs gives N / K chunks: a distribution, not one number
+(by default 200 chunks of 500 OUTs, a few milliseconds each).
 
 **Why the fastest chunk.**  On this host the cost of an exit is not one
 number from one moment to the next.  Measured while this method was built,
-with nobody else's load on the VM: ``pio_ref`` pinned to one CPU, timed
+with the VM's other CPU nearly idle: ``pio_ref`` pinned to one CPU, timed
 every 10,000 exits within one process, went between 6.3 and 9.4 µs per
 exit from one 80 ms stretch to the next; a plain arithmetic loop with no
 exits at all, pinned the same way, took between 11.4 and 25 ms for the same
 work, with its thread's CPU time equal to the wall time (it was never
 descheduled) and no steal counted in ``/proc/stat``.  The CPU under the VM
-gets slower and faster by itself -- the hypervisor's other tenants, which
-this machine cannot see -- for stretches of tens of milliseconds to
-seconds.  A per-exit figure for a whole run is then an average over however
-many slow stretches the run happened to catch, which is why whole-run
-figures of the same build were 7.4 in one round and 11 µs in the next.
-The fastest chunk of a run is the cost of an exit while the host gave the
-VM its full speed, which every run of tens of chunks reaches; it is the
-figure the targets are judged on.  The median chunk is reported beside it,
-and the slow stretches are what separate the two.
+gets slower and faster by itself -- presumably the hypervisor's other
+tenants, which this machine cannot see -- for stretches of tens of
+milliseconds to seconds.  A per-exit figure for a whole run is then an
+average over however many slow stretches the run happened to catch, which
+is why whole-run figures of the same build were 7.4 in one round and 11 µs
+in the next.  The fastest chunk of a run is the cost of an exit while the
+host gave the VM its full speed, which a run of a few hundred milliseconds
+nearly always reaches; it is the figure the targets are judged on.  (Runs
+of 50 chunks of 1,000 reached it less often: qkio/QEMU's per-round ratios
+spread over 0.73-1.42 in one such run, and over 1.00-1.04 in one run of 200
+chunks of 500, on the same host within the hour.)  The median chunk is
+reported beside it, and the slow stretches are what separate the two.
 
 **Pinned to one CPU.**  The vCPU thread of each implementation runs on the
 same CPU (``cpu``, by default the highest this process may use): qkio's
@@ -76,7 +80,8 @@ five rounds pinned, 6.93-9.35 free).
 
 **Interleaved.**  Each round runs every variant once, in the opposite order
 every other round, so a slow stretch of the host falls on all alike over
-the run; the ratios are taken within each round and their median reported.
+the run, and the two sides of each target run one after the other
+(``RUN_ORDER``); the ratios are taken within each round and their median reported.
 A ratio is said to differ from another implementation's only when the
 difference of the two medians is larger than the run's own spread (the
 range of the per-round figures: :func:`qkio.bench.stats.verdict`).  Exit
@@ -116,6 +121,9 @@ VARIANTS = {
     "qemu unowned": ("qemu", UNOWNED_PORT),
 }
 TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05, "qkio unowned/qemu unowned": 1.05}
+#: The order of the runs in a round (reversed every other round): the two sides
+#: of each target next to each other, so that they run close together in time.
+RUN_ORDER = ("c", "qkio", "qemu", "qemu unowned", "qkio unowned", "qkio-python")
 
 
 def _pinned(cpu: int | None, fn):
@@ -167,8 +175,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, chunk: int | N
         rounds: int | None = None, qemu: bool | None = None, cpu: int | None | str = "default") -> dict:
     """Run the benchmark; ``cpu``: the CPU to pin every variant to ("default":
     :func:`default_cpu`), None for no pinning."""
-    chunk = chunk or 1000
-    n = n or (20 if quick else 50) * chunk
+    chunk = chunk or 500
+    n = n or (40 if quick else 200) * chunk
     rounds = rounds or (3 if quick else 9)
     if n < chunk:
         raise ValueError(f"count {n} is less than one chunk of {chunk}")
@@ -187,7 +195,8 @@ def run(quick: bool = False, progress=None, n: int | None = None, chunk: int | N
     cycles: dict[str, list[list[int]]] = {v: [] for v in variants}
     tsc_khz: int | None = None
     for r in range(rounds):
-        order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+        order = [v for v in RUN_ORDER if v in variants]
+        order = order if r % 2 == 0 else order[::-1]
         for v in order:
             fn, port = variants[v]
             if progress:
