@@ -175,10 +175,12 @@ def test_pio():
         assert all(0 < f <= m for f, m in zip(r["rounds_us"][v], r["rounds_median_chunk_us"][v]))
     assert r["count"] == 2000 and r["chunk"] == 500 and r["tsc_khz"] > 0
     assert r["ports"]["qkio"] == 0x3FF and r["ports"]["qkio unowned"] == 0x500
+    assert r["ports"]["qkio unowned mmio"] == 0xD0000000  # an address: run() checked N MMIO exits
     assert "qkio/c" in r["ratios"] and r["targets"]["qkio/c"]["target"] == 1.10
     assert set(r["verdicts"]) == set(r["targets"])
     if "qemu" in r["per_exit_us"]:
-        assert set(r["targets"]) == {"qkio/c", "qkio/qemu", "qkio unowned/qemu unowned"}
+        assert set(r["targets"]) == {"qkio/c", "qkio/qemu", "qkio unowned/qemu unowned",
+                                     "qkio unowned mmio/qemu unowned mmio"}
 
 
 @pytest.mark.kvm

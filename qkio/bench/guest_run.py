@@ -38,6 +38,14 @@ from .build import build_c
 BENCH_PORT = 0x80   # qkio/guests/pio-loop.s writes here unless given port=P
 DEVICE_PORT = 0x3FF  # the UART's scratch register, in qkio and in QEMU: a device's port
 UNOWNED_PORT = 0x500  # nobody's, in qkio and in QEMU microvm
+
+
+class MmioAddress(int):
+    """Where a port number would go, a guest-physical address: ``pio-loop`` then
+    stores to it (``mmio=A``) instead of doing OUTs."""
+
+
+UNOWNED_MMIO = MmioAddress(0xD0000000)  # nobody's, in qkio and in QEMU microvm (unassigned-mmio.s)
 QEMU = "qemu-system-x86_64"
 QEMU_ARGS = ("-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-nodefaults",
              "-display", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04")
@@ -59,9 +67,11 @@ class RunFailed(RuntimeError):
 
 
 def cmdline(count: int, port: int | None = None, chunk: int | None = None) -> str:
-    """The guest's command line: ``count=N``, and ``port=P`` (decimal) and
-    ``chunk=K`` (``pio-loop`` times its OUTs in chunks of K) if given."""
-    return (f"count={count}" + (f" port={port}" if port is not None else "")
+    """The guest's command line: ``count=N``, and ``port=P`` (decimal; ``mmio=A``
+    for an :class:`MmioAddress`) and ``chunk=K`` (``pio-loop`` times its OUTs in
+    chunks of K) if given."""
+    key = "mmio" if isinstance(port, MmioAddress) else "port"
+    return (f"count={count}" + (f" {key}={int(port)}" if port is not None else "")
             + (f" chunk={chunk}" if chunk else ""))
 
 

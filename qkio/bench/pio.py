@@ -16,6 +16,11 @@ isa-debug-exit (0xf4).  Each OUT is one ``KVM_EXIT_IO``: the guest exits,
   drops the writes (after the first, in the native loop's C); QEMU's
   unassigned region drops them too.
 
+And one address: with ``mmio=A`` each OUT becomes a one-byte store to
+guest-physical 0xd0000000, which **nobody owns** in either VMM -- one
+``KVM_EXIT_MMIO`` each, dropped by qkio's ``MmioBus`` (after the first, in
+the native loop's C) and by QEMU's ``io_mem_unassigned``.
+
 The same ELF runs in
 
 * **qkio**: a ``Machine`` in this process, its vCPU thread looping in
@@ -101,6 +106,7 @@ import os
 import statistics
 from typing import Any
 
+from . import guest_run
 from .build import build_guest
 from .guest_run import DEVICE_PORT, UNOWNED_PORT, RunFailed, chunk_cycles, have_qemu, run_c, run_qemu, run_qkio
 from .stats import median, summarize, verdict
@@ -119,11 +125,15 @@ VARIANTS = {
     "qemu": ("qemu", DEVICE_PORT),
     "qkio unowned": ("qkio", UNOWNED_PORT),
     "qemu unowned": ("qemu", UNOWNED_PORT),
+    "qkio unowned mmio": ("qkio", guest_run.UNOWNED_MMIO),
+    "qemu unowned mmio": ("qemu", guest_run.UNOWNED_MMIO),
 }
-TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05, "qkio unowned/qemu unowned": 1.05}
+TARGETS = {"qkio/c": 1.10, "qkio/qemu": 1.05, "qkio unowned/qemu unowned": 1.05,
+           "qkio unowned mmio/qemu unowned mmio": 1.05}
 #: The order of the runs in a round (reversed every other round): the two sides
 #: of each target next to each other, so that they run close together in time.
-RUN_ORDER = ("c", "qkio", "qemu", "qemu unowned", "qkio unowned", "qkio-python")
+RUN_ORDER = ("c", "qkio", "qemu", "qemu unowned", "qkio unowned", "qkio unowned mmio", "qemu unowned mmio",
+             "qkio-python")
 
 
 def _pinned(cpu: int | None, fn):
@@ -145,9 +155,11 @@ def _io_exits_expected(n: int, console: str) -> int:
 
 def _qkio(elf, n, port, chunk, cpu, exit_path=None, seen=None):
     _, info = _pinned(cpu, lambda: run_qkio(elf, n, exit_path=exit_path, port=port, chunk=chunk))
-    io_exits, expected = info["exits"].get(2, 0), _io_exits_expected(n, info["console"])
-    if io_exits != expected:
-        raise RunFailed(f"qkio took {io_exits} IO exits for count={n}, expected {expected}")
+    mmio = isinstance(port, guest_run.MmioAddress)  # then the N accesses are MMIO exits (6), not IO (2)
+    io_exits, expected = info["exits"].get(2, 0), _io_exits_expected(0 if mmio else n, info["console"])
+    if io_exits != expected or (mmio and info["exits"].get(6, 0) != n):
+        raise RunFailed(f"qkio took {io_exits} IO and {info['exits'].get(6, 0)} MMIO exits for "
+                        f"count={n}, expected {expected} and {n if mmio else 0}")
     if seen is not None:
         seen.add(info["exit_path"])
     return info["console"], None
@@ -254,7 +266,8 @@ def table(result: dict) -> list[tuple[str, str]]:
         m = result["median_chunk_us"][v]
         rows.append((v, f"{d['p50']:.3g} µs per exit, fastest chunk (rounds {d['min']:.3g}-{d['max']:.3g}); "
                         f"median chunk {m['p50']:.3g} (rounds {m['min']:.3g}-{m['max']:.3g})"
-                        + (f"; port {port:#x}" if port is not None else "")))
+                        + (f"; {'address' if isinstance(port, guest_run.MmioAddress) else 'port'} {port:#x}"
+                           if port is not None else "")))
     for key, t in result["targets"].items():
         d, m = result["ratios"][key], result["ratios_median_chunk"][key]
         rows.append((key, f"{t['median']:.3f} (rounds {d['min']:.3f}-{d['max']:.3f}); "

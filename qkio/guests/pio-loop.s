@@ -25,6 +25,12 @@
 # untimed loop's four.  At most
 # MAX_CHUNKS chunks; more ends the run at once with status 3 and a message.
 #
+# `mmio=A` (decimal) makes every OUT a one-byte store to guest-physical
+# address A instead (`movb %al, (A)`: one KVM_EXIT_MMIO each, where A is
+# not RAM), timed the same way -- `qkio bench pio` compares an address
+# nobody owns, 0xd0000000, in qkio and in QEMU (see unassigned-mmio.s for why
+# that one).
+#
 # Why port 0x80: it is the PC's POST-code port, which firmware and old
 # kernels write to as an I/O delay.  Nothing in qkio owns it, so by default
 # a write goes to the bus's unassigned-port path (it is dropped, and the
@@ -50,8 +56,13 @@ _start:
         call    cmdline_number
         jnc     1f
         mov     $POST_PORT, %eax
-1:      mov     %eax, %ebp              # %ebp: the port, all along
-        mov     $chunk_key, %esi
+1:      mov     %eax, %ebp              # %ebp: the port (or address), all along
+        mov     $mmio_key, %esi
+        call    cmdline_number
+        jc      9f
+        mov     %eax, %ebp
+        movb    $1, mmio
+9:      mov     $chunk_key, %esi
         call    cmdline_number
         jnc     2f
         xor     %eax, %eax              # no chunk=: untimed
@@ -79,16 +90,23 @@ untimed:
         xor     %edi, %edi              # %edi: the chunk being timed
 4:      cmp     chunks, %edi
         jae     report
-        rdtsc
+        cmpb    $0, mmio                # decided before the clock starts (no
+        rdtsc                           # instruction below changes the flags)
         mov     %eax, %esi              # %ebx:%esi: the TSC at the start
         mov     %edx, %ebx
         mov     chunk, %ecx
         mov     %ebp, %edx
+        jne     10f
 5:      mov     %cl, %al                # the same four instructions as outs
         outb    %al, %dx
         dec     %ecx
         jnz     5b
-        rdtsc
+        jmp     11f
+10:     mov     %cl, %al                # ... and as its MMIO loop
+        movb    %al, (%edx)
+        dec     %ecx
+        jnz     10b
+11:     rdtsc
         sub     %esi, %eax
         sbb     %ebx, %edx
         jz      6f
@@ -125,21 +143,31 @@ too_many:
         mov     $EXIT_TOO_MANY, %eax
         jmp     exit_vmm
 
-# outs: %ecx OUTs of the counter's low byte to port %dx (none if %ecx is 0).
+# outs: %ecx OUTs of the counter's low byte to port %dx (none if %ecx is 0);
+# with mmio=, stores to address %edx.
 outs:
         test    %ecx, %ecx
         jz      2f
+        cmpb    $0, mmio
+        jne     3f
 1:      mov     %cl, %al                # counts down: N, N-1, ..., 1 (low bytes)
         outb    %al, %dx
         dec     %ecx
         jnz     1b
 2:      ret
+3:      mov     %cl, %al
+        movb    %al, (%edx)
+        dec     %ecx
+        jnz     3b
+        ret
 
         .section .rodata
 count_key:
         .asciz  "count"
 port_key:
         .asciz  "port"
+mmio_key:
+        .asciz  "mmio"
 chunk_key:
         .asciz  "chunk"
 report_head:
@@ -155,5 +183,8 @@ chunk:
         .skip   4
 chunks:
         .skip   4
+mmio:
+        .skip   1                       # 1: stores to an address, not OUTs
+        .p2align 2
 cycles:
         .skip   4 * MAX_CHUNKS
