@@ -233,7 +233,7 @@ def _option(*flags: str, **settings) -> tuple[tuple[str, ...], dict]:
     return flags, settings
 
 
-#: ``qkio run``'s options, in --help's order.
+# qkio run's options, in --help's order (one table: build_parser and _parse_run_plainly read it).
 RUN_OPTIONS = (
     _option("--kernel", required=True, metavar="FILE",
             help="a Multiboot (v1) ELF kernel, or the name of a qkio demo guest"),
