@@ -17,7 +17,7 @@ Each module's docstring says exactly how it measures.
 ``wakeup``     EventNotifier.notify() -> main_loop_wait returns: eventfd
                vs pipe; each also between two C threads (wake_ref.c)
 ``wait``       select vs poll vs epoll with 1..1000 idle fds
-``pio``        a port-I/O exit round trip: qkio vs C vs QEMU, interleaved
+``pio``        a port-I/O exit round trip: qkio vs C vs QEMU, interleaved (and an MMIO one)
 ``startup``    the whole run of a trivial kernel: qkio run vs QEMU microvm
                vs python -c pass, interleaved
 ``ioeventfd``  a guest OUT through KVM_IOEVENTFD vs an exit to qkio

@@ -112,7 +112,8 @@ from .guest_run import DEVICE_PORT, UNOWNED_PORT, RunFailed, chunk_cycles, have_
 from .stats import median, summarize, verdict
 
 NAME = "pio"
-TITLE = "port-I/O exit round trip: qkio vs C (the floor) vs QEMU, to a device and to nobody"
+TITLE = ("port-I/O exit round trip: qkio vs C (the floor) vs QEMU, to a device and to nobody; "
+         "and an MMIO store to nobody")
 METHOD = ("same Multiboot guest doing N OUTs to a port (0x3ff: the UART's scratch register; 0x500: "
           "nobody's), timing itself with its TSC every K OUTs; per exit = cycles of a chunk / K; "
           "fastest and median chunk of each run; every variant pinned to one CPU; qkio / "

@@ -1,4 +1,4 @@
-"""qkio's one piece of C: the port-I/O exit loop (``cpu_exec.c``), built when qkio is installed.
+"""qkio's one piece of C: the port-I/O (and unowned-MMIO) exit loop (``cpu_exec.c``), built at install.
 
 Why there is any C at all is explained at the top of ``cpu_exec.c`` and in the
 book's measurement chapter: on a host where a guest exit already costs
