@@ -63,6 +63,9 @@ class EventNotifier:
     eventfd and ``write_fd`` a ``dup()`` of it.  ``kind="pipe"``: a pipe.
     """
 
+    # Slots: drain() runs on every wake-up of the io thread (see MainLoop's).
+    __slots__ = ("kind", "tracer", "read_fd", "write_fd", "_eventfd", "_bell", "closed")
+
     def __init__(self, kind: str = "eventfd", tracer: trace.Tracer | None = None) -> None:
         if kind not in ("eventfd", "pipe"):
             raise ValueError(f"EventNotifier kind must be 'eventfd' or 'pipe', not {kind!r}")

@@ -391,3 +391,18 @@ def test_fds_epoll_cannot_watch_are_always_ready(loop, kind, tmp_path):
         loop.set_fd_handler(fd, None, None)
         loop.main_loop_wait(0)
         os.close(fd)
+
+
+def test_a_handler_set_on_the_doorbell_fd_is_the_one_called():
+    """The doorbell-only shortcut in main_loop_wait calls the notifier's drain;
+    once someone sets a handler of their own on that fd, theirs is called."""
+    with MainLoop(backend="select") as loop:
+        seen = []
+        loop.notifier.notify()
+        assert loop.main_loop_wait(0) == 1           # drained by the shortcut
+        assert loop.main_loop_wait(0) == 0           # nothing left to read
+        fd = loop.notifier.read_fd
+        loop.set_fd_handler(fd, lambda opaque: seen.append(loop.notifier.drain()), None)
+        loop.notifier.notify()
+        assert loop.main_loop_wait(0) == 1
+        assert seen and seen[-1] >= 1
