@@ -112,9 +112,14 @@ def run(quick: bool = False, progress=None, n: int | None = None, rounds: int | 
             out = _drain(argv, n)
             samples[name].append(out["bytes_per_s"])
             reads[name].append(out["reads"])
+    # A round whose bytes all came in one read has no first-to-last interval,
+    # so no rate (a reader kept off the CPU for the whole run, on a busy host):
+    # it is counted, not averaged in.
+    rates = {k: [x for x in v if x is not None] for k, v in samples.items()}
     result = {"method": METHOD, "bytes": n, "rounds": rounds,
-              "bytes_per_s": {k: summarize(v, digits=0) for k, v in samples.items()},
-              "us_per_byte": {k: summarize([1e6 / x for x in v]) for k, v in samples.items()},
+              "bytes_per_s": {k: summarize(v, digits=0) for k, v in rates.items()},
+              "us_per_byte": {k: summarize([1e6 / x for x in v]) for k, v in rates.items()},
+              "unmeasured_rounds": {k: len(samples[k]) - len(v) for k, v in rates.items()},
               "pipe_reads": reads}
     if not qemu:
         result["qemu"] = "skipped: qemu-system-x86_64 not found" if not have_qemu() else "skipped"
@@ -124,6 +129,9 @@ def run(quick: bool = False, progress=None, n: int | None = None, rounds: int | 
 def table(result: dict) -> list[tuple[str, str]]:
     rows = []
     for name, d in result["bytes_per_s"].items():
+        if not d["n"]:
+            rows.append((name, "no rate: every round's bytes came in one read"))
+            continue
         us = result["us_per_byte"][name]
         rows.append((name, f"{d['p50'] / 1000:.1f} kB/s = {us['p50']:.3g} µs/byte "
                            f"(min {d['min'] / 1000:.1f}, max {d['max'] / 1000:.1f} kB/s; "
