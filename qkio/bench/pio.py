@@ -107,6 +107,7 @@ import statistics
 from typing import Any
 
 from . import guest_run
+from .affinity import pinned
 from .build import build_guest
 from .guest_run import DEVICE_PORT, UNOWNED_PORT, RunFailed, chunk_cycles, have_qemu, run_c, run_qemu, run_qkio
 from .stats import median, summarize, verdict
@@ -137,25 +138,14 @@ RUN_ORDER = ("c", "qkio", "qemu", "qemu unowned", "qkio unowned", "qkio unowned 
              "qkio-python")
 
 
-def _pinned(cpu: int | None, fn):
-    """Run ``fn()`` with this thread on ``cpu`` (threads it starts inherit it)."""
-    if cpu is None:
-        return fn()
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        return fn()
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 def _io_exits_expected(n: int, console: str) -> int:
     # the OUTs, two exits per byte printed (LSR poll, THR write), isa-debug-exit
     return n + 2 * len(console.encode()) + 1
 
 
 def _qkio(elf, n, port, chunk, cpu, exit_path=None, seen=None):
-    _, info = _pinned(cpu, lambda: run_qkio(elf, n, exit_path=exit_path, port=port, chunk=chunk))
+    with pinned(cpu):  # the process it starts inherits the pinning
+        _, info = run_qkio(elf, n, exit_path=exit_path, port=port, chunk=chunk)
     mmio = isinstance(port, guest_run.MmioAddress)  # then the N accesses are MMIO exits (6), not IO (2)
     io_exits, expected = info["exits"].get(2, 0), _io_exits_expected(0 if mmio else n, info["console"])
     if io_exits != expected or (mmio and info["exits"].get(6, 0) != n):
@@ -167,7 +157,8 @@ def _qkio(elf, n, port, chunk, cpu, exit_path=None, seen=None):
 
 
 def _c(elf, n, port, chunk, cpu):
-    _, info = _pinned(cpu, lambda: run_c(elf, n, port=port, chunk=chunk))
+    with pinned(cpu):
+        _, info = run_c(elf, n, port=port, chunk=chunk)
     if info["exits"] != _io_exits_expected(n, info["console"]):
         raise RunFailed(f"pio_ref took {info['exits']} exits for count={n}, "
                         f"expected {_io_exits_expected(n, info['console'])}")
@@ -175,7 +166,8 @@ def _c(elf, n, port, chunk, cpu):
 
 
 def _qemu(elf, n, port, chunk, cpu):
-    return _pinned(cpu, lambda: run_qemu(elf, n, port=port, chunk=chunk))[1]["console"], None
+    with pinned(cpu):
+        return run_qemu(elf, n, port=port, chunk=chunk)[1]["console"], None
 
 
 def default_cpu() -> int | None:
