@@ -21,7 +21,7 @@ from helpers.vmm import run_qkio
 from qkio import bench
 from qkio.bench import stats
 from qkio.bench.build import build_guest
-from qkio.bench.guest_run import RunFailed, chunk_cycles
+from qkio.bench.guest_run import RunFailed, chunk_cycles, have_qemu
 from qkio.machine import Machine
 
 CPUS_AT_START = os.sched_getaffinity(0)
@@ -162,7 +162,7 @@ def test_wait_reports_select_na_above_fd_setsize():
 @pytest.mark.kvm
 @needs_tools
 def test_pio():
-    r = bench.benchmark("pio").run(n=2000, chunk=500, rounds=1, qemu=shutil.which("qemu-system-x86_64") is not None)
+    r = bench.benchmark("pio").run(n=2000, chunk=500, rounds=1, qemu=have_qemu())
     json.dumps(r)
     for d in list(r["per_exit_us"].values()) + list(r["median_chunk_us"].values()):
         well_formed(d, 1)
@@ -288,7 +288,7 @@ def test_guest_rate_counts_guest_instructions_without_exits():
 
 
 def test_startup_runs_each_command_and_checks_it():
-    r = bench.benchmark("startup").run(rounds=2, qemu=shutil.which("qemu-system-x86_64") is not None)
+    r = bench.benchmark("startup").run(rounds=2, qemu=have_qemu())
     json.dumps(r)
     assert r["qkio_bytecode"] == "up to date"
     for name, d in r["wall_ms"].items():

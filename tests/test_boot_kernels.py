@@ -31,7 +31,6 @@ project's machine:
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
@@ -41,28 +40,18 @@ from pathlib import Path
 
 import pytest
 
+from helpers.vmm import needs_qemu
 from qkio import guests
+from qkio.bench.guest_run import QEMU
 from qkio.boot import multiboot as mb
 from qkio.boot.elf import parse_elf
 from qkio.kvm.memory import GuestMemory
 
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 QEMU_TIMEOUT = 120  # seconds; SeaBIOS plus a tiny kernel take about 3 s here
 HELLO = "Hello from qkio's guest\n"
 
 needs_toolchain = pytest.mark.skipif(not (shutil.which("as") and shutil.which("ld")),
                                      reason="GNU as and ld are needed to build the guests")
-
-
-def _qemu_unusable_reason() -> str | None:
-    if not os.path.exists(QEMU):
-        return f"{QEMU} is not installed (Debian package qemu-system-x86)"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not usable, and the reference runs use -accel kvm"
-    return None
-
-
-needs_qemu = pytest.mark.skipif(_qemu_unusable_reason() is not None, reason=_qemu_unusable_reason() or "")
 
 
 @pytest.fixture(scope="session")

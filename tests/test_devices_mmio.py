@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 
 from helpers.vmm import demo_guest
-from qkio.bench.guest_run import GUEST_EXIT_STATUS, QEMU, QEMU_ARGS
+from qkio.bench.guest_run import GUEST_EXIT_STATUS, QEMU, QEMU_ARGS, qemu_unusable_reason
 from qkio.devices.mmio import REPORT_LIMIT, MmioBus, MmioConflict
 from qkio.kvm.constants import ExitReason
 from qkio.kvm.exits import handle_mmio
@@ -179,14 +177,6 @@ UNASSIGNED_MMIO_OUTPUT = ("mmio 0xd0000000: 1=00 2=0000 4=00000000 8=00000000000
                           f"count={UNASSIGNED_MMIO_COUNT} or=00000000\n")
 
 
-def _qemu_unusable_reason():
-    if shutil.which(QEMU) is None:
-        return f"{QEMU} is not installed (Debian package qemu-system-x86)"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "/dev/kvm is not usable, and the reference runs use -accel kvm"
-    return None
-
-
 def run_unassigned_mmio_on_qkio(exit_path=None, count=UNASSIGNED_MMIO_COUNT):
     """The unassigned-mmio guest in an in-process Machine: status, output, log, exits, the CPU."""
     from qkio.machine import Machine
@@ -205,7 +195,7 @@ def test_unassigned_mmio_reads_as_qemu_microvm_reads_it():
     status, out, logged, _, _ = run_unassigned_mmio_on_qkio()
     assert (status, out) == (GUEST_EXIT_STATUS, UNASSIGNED_MMIO_OUTPUT)
     assert logged == ["unassigned memory 0xd0000000 (write, 8 bytes)"]  # once for the page
-    reason = _qemu_unusable_reason()
+    reason = qemu_unusable_reason()
     if reason is not None:
         pytest.skip(f"qkio checked against the recorded answer; no live QEMU: {reason}")
     r = subprocess.run([QEMU, *QEMU_ARGS, "-serial", "stdio", "-kernel", str(demo_guest("unassigned-mmio")),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers.vmm import demo_guest, run_qkio
+from helpers.vmm import demo_guest, needs_qemu, run_qkio
 from qkio.bench.virtio_run import fresh_image, guest_report, run_qemu
 from qkio.kvm.constants import ExitReason
 from qkio.machine import Machine
@@ -100,12 +100,8 @@ def test_no_drive_no_device(tmp_path):
 
 
 @pytest.mark.parametrize("iothread", [False, True], ids=["main-loop", "iothread"])
+@needs_qemu
 def test_same_guest_on_qemu_microvm(tmp_path, iothread):
-    import os
-
-    from qkio.bench.virtio_run import QEMU
-    if not os.path.exists(QEMU):
-        pytest.skip("qemu-system-x86_64 is not installed")
     qemu_img = fresh_image(tmp_path / "q.img")
     q = run_qemu(demo_guest("virtio-blk"), qemu_img, iothread=iothread, count=COUNT, serial="qkio0")
     assert q["status"] == 33, q["output"] + q["stderr"]
@@ -229,13 +225,11 @@ def test_guest_waits_for_the_interrupt(tmp_path, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("iothread", [False, True], ids=["main-loop", "iothread"])
+@needs_qemu
 def test_interrupt_mode_on_qemu_microvm(tmp_path, iothread):
-    import os
     import subprocess
 
-    from qkio.bench.virtio_run import QEMU, qemu_microvm_argv
-    if not os.path.exists(QEMU):
-        pytest.skip("qemu-system-x86_64 is not installed")
+    from qkio.bench.virtio_run import qemu_microvm_argv
     image = fresh_image(tmp_path / "q.img")
     argv = qemu_microvm_argv(demo_guest("virtio-blk"), image, iothread=iothread, serial="qkio0")
     argv += ["-append", f"count={COUNT} irq=1"]

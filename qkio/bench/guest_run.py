@@ -160,6 +160,17 @@ def run_qemu(elf, count: int, port: int | None = None,
     return seconds, {"console": r.stdout.decode("ascii", errors="replace")}
 
 
-def have_qemu() -> bool:
+def qemu_unusable_reason() -> str | None:
+    """Why the reference QEMU cannot run here (not installed; no usable
+    /dev/kvm for ``-accel kvm``), or None: the one probe the benchmarks and
+    the tests ask before starting QEMU."""
     from shutil import which
-    return which(QEMU) is not None
+    if which(QEMU) is None:
+        return f"{QEMU} is not installed (Debian package qemu-system-x86)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "/dev/kvm is not usable, and the reference runs use -accel kvm"
+    return None
+
+
+def have_qemu() -> bool:
+    return qemu_unusable_reason() is None

@@ -56,8 +56,9 @@ import sys
 import tempfile
 import time
 
+from . import guest_run
 from .stats import median, summarize
-from .virtio_run import QEMU, fresh_image, guest_report, qemu_microvm_argv
+from .virtio_run import fresh_image, guest_report, qemu_microvm_argv
 
 NAME = "virtio"
 TITLE = "virtio-blk request: host CPU and time per request by notify mode, qkio vs QEMU"
@@ -190,7 +191,7 @@ def run(quick: bool = False, progress=None, n: int | None = None, small: int | N
     small = small or (4 if quick else 4)
     rounds = rounds or (3 if quick else 5)
     elf = build_guest("virtio-blk")
-    have_qemu = os.path.exists(QEMU)
+    have_qemu = guest_run.have_qemu()
     per_req = 2 * (n - small)
     configs: dict[str, tuple[str, str, str | None]] = {
         f"qkio {m}" + (" paio" if a == "paio" else ""): ("qkio", m, a) for m, a in QKIO_MODES}

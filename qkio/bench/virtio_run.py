@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import subprocess
 import time
 
-QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
+from .guest_run import QEMU  # the one reference QEMU, found on PATH
+
 GUEST = "virtio-blk"
 
 

@@ -36,12 +36,20 @@ from pathlib import Path
 
 import pytest
 
+from qkio.bench.guest_run import qemu_unusable_reason
+
 TESTS = Path(__file__).resolve().parent.parent
 ROOT = TESTS.parent
 QKIO_RUN = (sys.executable, "-m", "qkio", "run")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # --- skipping (needing KVM is the `kvm` marker: see the root conftest.py) ------------
+
+#: Skip a test that needs the reference QEMU when it cannot run here, saying why
+#: (the one probe: :func:`qkio.bench.guest_run.qemu_unusable_reason`).
+needs_qemu = pytest.mark.skipif(qemu_unusable_reason() is not None,
+                                reason=qemu_unusable_reason() or "")
+
 
 def require_binutils() -> None:
     if not (shutil.which("as") and shutil.which("ld")):
