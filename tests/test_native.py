@@ -85,7 +85,10 @@ MIXED_IO = b"".join([
 ])
 
 
-def _run_mixed(exit_path):
+def _run_with_recorder(program, exit_path):
+    """``program`` (real mode) with a Recorder on ports 0x100-0x107: status,
+    what the recorder saw, IO exits, unassigned reports, the exit path taken
+    and how many IO exits the C loop completed."""
     unassigned = []
     machine = Machine(memory_mib=2, console=lambda data: None, log=lambda msg: None,
                       exit_path=exit_path)
@@ -93,18 +96,19 @@ def _run_mixed(exit_path):
         machine.bus.on_unassigned = lambda *a: unassigned.append(a)
         rec = Recorder(machine)
         machine.bus.register(0x100, 8, rec, "recorder")
-        machine.load_flat(MIXED_IO, mode="real")
+        machine.load_flat(program, mode="real")
         status = machine.run(timeout=30)
         cpu = machine.cpus[0]
-        return status, rec.log, cpu.exit_counts[ExitReason.IO], unassigned, cpu.exit_path
+        return (status, rec.log, cpu.exit_counts[ExitReason.IO], unassigned, cpu.exit_path,
+                cpu._native_io_exits[0])
 
 
 def test_every_access_size_both_ways_matches_the_python_path():
-    native_run = _run_mixed("native")
-    python_run = _run_mixed("python")
-    assert native_run[-1] == "native" and python_run[-1] == "python"
-    assert native_run[:-1] == python_run[:-1]
-    status, log, io_exits, unassigned, _ = native_run
+    native_run = _run_with_recorder(MIXED_IO, "native")
+    python_run = _run_with_recorder(MIXED_IO, "python")
+    assert native_run[4] == "native" and python_run[4] == "python"
+    assert native_run[:4] == python_run[:4]
+    status, log, io_exits, unassigned = native_run[:4]
     assert status == 33
     assert log == [
         ("r", 0, 1, True), ("r", 2, 2, True), ("r", 4, 4, True),
@@ -194,23 +198,9 @@ UNOWNED_IO = b"".join([
 ])
 
 
-def _run_unowned(exit_path):
-    unassigned = []
-    machine = Machine(memory_mib=2, console=lambda data: None, log=lambda msg: None,
-                      exit_path=exit_path)
-    with machine:
-        machine.bus.on_unassigned = lambda *a: unassigned.append(a)
-        rec = Recorder(machine)
-        machine.bus.register(0x100, 8, rec, "recorder")
-        machine.load_flat(UNOWNED_IO, mode="real")
-        status = machine.run(timeout=30)
-        cpu = machine.cpus[0]
-        return status, rec.log, cpu.exit_counts[ExitReason.IO], unassigned, cpu._native_io_exits[0]
-
-
 def test_unowned_ports_once_reported_are_completed_in_c():
-    status, log, io_exits, unassigned, in_c = _run_unowned("native")
-    assert (status, log, io_exits, unassigned) == _run_unowned("python")[:4]
+    status, log, io_exits, unassigned, _, in_c = _run_with_recorder(UNOWNED_IO, "native")
+    assert (status, log, io_exits, unassigned) == _run_with_recorder(UNOWNED_IO, "python")[:4]
     assert status == 33 and io_exits == 9
     assert log == [("w", 0, 1, 0xFF, True), ("w", 4, 4, 0xFFFFFFFF, True)]  # all ones, both sizes
     assert unassigned == [(0x200, 1, False), (0x300, 2, True), (0x300, 4, False)]  # once per port
