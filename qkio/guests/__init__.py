@@ -9,6 +9,7 @@ needs from the shared pieces:
 ``uart.inc``       polled output on COM1 (``putc``, ``puts``, ``putdec``, ``puthex8/32``)
 ``cmdline.inc``    ``cmdline_number``: read ``key=N`` from the command line
 ``gdt.inc``        a GDT of the guest's own, for guests that take interrupts
+``pic.inc``        the 8259 pair and an IDT (``init_pics``, ``fill_idt``), after ``gdt.inc``
 ``kernel.ld``      the link script: everything at 1 MiB
 
 :func:`build_guest` runs ``as --32`` and ``ld -m elf_i386`` -- the same
@@ -57,7 +58,7 @@ GUESTS: dict[str, str] = {
 }
 
 #: The include files and link script every guest may use; all are hashed.
-SHARED_INPUTS = ("multiboot.inc", "uart.inc", "cmdline.inc", "gdt.inc", "kernel.ld")
+SHARED_INPUTS = ("multiboot.inc", "uart.inc", "cmdline.inc", "gdt.inc", "pic.inc", "kernel.ld")
 
 AS_FLAGS = ("--32",)
 LD_FLAGS = ("-m", "elf_i386", "-z", "max-page-size=0x1000", "--build-id=none")

@@ -27,9 +27,8 @@
 # Returning from an interrupt without IRET.  KVM's x86 instruction emulator
 # implements IRET for real mode only (emulate_iret: "iret from protected
 # mode unimplemented yet").  On hardware that never matters -- the CPU runs
-# the guest and KVM emulates only the odd MMIO instruction -- but on a host
-# whose KVM interprets every instruction (qkio's development machine, see
-# kvm-facts.md) a protected-mode IRET ends the run with
+# the guest and KVM emulates only the odd MMIO instruction -- but on this
+# book's host (kvm_pvm) a protected-mode IRET in the guest ends the run with
 # KVM_EXIT_INTERNAL_ERROR.  So the handlers return with `sti; lret $4`:
 # LRET pops EIP and CS and drops the saved EFLAGS, and STI sets IF again.
 # That is exactly IRET here, because interrupts only ever arrive in the
@@ -42,23 +41,17 @@
         .include "multiboot.inc"
         .include "uart.inc"
         .include "gdt.inc"
+        .include "pic.inc"
 
-        .set PIC1_CMD, 0x20
-        .set PIC1_DATA, 0x21
-        .set PIC2_CMD, 0xa0
-        .set PIC2_DATA, 0xa1
-        .set ICW1_INIT_ICW4, 0x11       # edge-triggered, cascaded, ICW4 follows
-        .set ICW4_8086, 0x01
-        .set PIC_EOI, 0x20              # OCW2: non-specific end of interrupt
-        .set IRQ_BASE, 0x20             # vector of IRQ 0
         .set SERIAL_IRQ, 4
-        .set IDT_ENTRIES, 0x30          # exceptions 0x00-0x1f, IRQs 0x20-0x2f
         .set EXIT_EXCEPTION, 0x7e
 
         .globl _start
 _start:
         enter_kernel
         call    load_gdt
+        mov     $SERIAL_IRQ, %ebx
+        mov     $serial_isr, %edx
         call    fill_idt
         lidt    idt_pointer
         call    init_pics
@@ -72,52 +65,6 @@ _start:
 idle:   sti                             # STI's one-instruction shadow: an interrupt
         hlt                             # cannot slip in between the two
         jmp     idle
-
-# --- the interrupt descriptor table ---------------------------------------
-
-# fill_idt: an interrupt gate (type 0xe: IF is cleared on entry) per vector.
-# Exceptions go to `fault`, IRQ 4 to `serial_isr`, every other IRQ to
-# `other_irq`.
-fill_idt:
-        xor     %ecx, %ecx
-1:      mov     $fault, %eax
-        cmp     $IRQ_BASE, %ecx
-        jb      2f
-        mov     $other_irq, %eax
-        cmp     $IRQ_BASE + SERIAL_IRQ, %ecx
-        jne     2f
-        mov     $serial_isr, %eax
-2:      mov     %ax, idt(,%ecx,8)               # offset 15:0
-        movw    $KERNEL_CS, idt+2(,%ecx,8)      # selector
-        movw    $0x8e00, idt+4(,%ecx,8)         # present, DPL 0, 32-bit interrupt gate
-        shr     $16, %eax
-        mov     %ax, idt+6(,%ecx,8)             # offset 31:16
-        inc     %ecx
-        cmp     $IDT_ENTRIES, %ecx
-        jb      1b
-        ret
-
-# --- the 8259 pair ----------------------------------------------------------
-
-init_pics:
-        mov     $ICW1_INIT_ICW4, %al    # ICW1: start initialisation (clears IMR)
-        outb    %al, $PIC1_CMD
-        outb    %al, $PIC2_CMD
-        mov     $IRQ_BASE, %al          # ICW2: vector base
-        outb    %al, $PIC1_DATA
-        mov     $IRQ_BASE + 8, %al
-        outb    %al, $PIC2_DATA
-        mov     $1 << 2, %al            # ICW3: the slave hangs off master IRQ 2 ...
-        outb    %al, $PIC1_DATA
-        mov     $2, %al                 # ... and knows it is cascade number 2
-        outb    %al, $PIC2_DATA
-        mov     $ICW4_8086, %al         # ICW4: 8086 mode, normal EOI
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
-        mov     $0xff, %al              # OCW1: mask everything for now
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
-        ret
 
 # --- the UART ---------------------------------------------------------------
 
@@ -179,13 +126,3 @@ banner:
 fault_message:
         .asciz  "echo-irq: unexpected CPU exception\n"
 
-        .p2align 2
-        .word   0
-idt_pointer:
-        .word   IDT_ENTRIES * 8 - 1
-        .long   idt
-
-        .section .bss
-        .p2align 3
-idt:
-        .skip   IDT_ENTRIES * 8

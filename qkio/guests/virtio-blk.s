@@ -30,6 +30,7 @@
         .include "uart.inc"
         .include "cmdline.inc"
         .include "gdt.inc"
+        .include "pic.inc"
 
         .set WINDOW,        0xfeb00000  # microvm's VIRTIO_MMIO_BASE
         .set TRANSPORTS,    8
@@ -68,15 +69,7 @@
 
         .set R_INTERRUPT_ACK, 0x064
 
-        # The 8259 pair, as echo-irq.s programs it: IRQ n at vector 0x20 + n.
-        .set PIC1_CMD, 0x20
-        .set PIC1_DATA, 0x21
-        .set PIC2_CMD, 0xa0
-        .set PIC2_DATA, 0xa1
-        .set PIC_EOI, 0x20
-        .set IRQ_BASE, 0x20
         .set VIRTIO_IRQ, 12             # transport 7's GSI on microvm (5 + 7)
-        .set IDT_ENTRIES, 0x30
         .set LAPIC_SVR, 0xfee000f0      # spurious-interrupt vector register
         .set LAPIC_LVT0, 0xfee00350     # local vector table: LINT0
         .set EXIT_EXCEPTION, 0x7e
@@ -376,40 +369,14 @@ request:
 4:      stc
         ret
 
-# setup_interrupts: an IDT whose IRQ 12 vector is virtio_isr, the PICs
+# setup_interrupts: an IDT whose IRQ 12 vector is virtio_isr (pic.inc), the PICs
 # remapped to 0x20/0x28, everything masked but IRQ 12 and the cascade.
 setup_interrupts:
-        xor     %ecx, %ecx
-1:      mov     $fault, %eax
-        cmp     $IRQ_BASE, %ecx
-        jb      2f
-        mov     $other_irq, %eax
-        cmp     $IRQ_BASE + VIRTIO_IRQ, %ecx
-        jne     2f
-        mov     $virtio_isr, %eax
-2:      mov     %ax, idt(,%ecx,8)
-        movw    $KERNEL_CS, idt+2(,%ecx,8)
-        movw    $0x8e00, idt+4(,%ecx,8)         # present, 32-bit interrupt gate
-        shr     $16, %eax
-        mov     %ax, idt+6(,%ecx,8)
-        inc     %ecx
-        cmp     $IDT_ENTRIES, %ecx
-        jb      1b
+        mov     $VIRTIO_IRQ, %ebx
+        mov     $virtio_isr, %edx
+        call    fill_idt
         lidt    idt_pointer
-        mov     $0x11, %al                      # ICW1: edge, cascade, ICW4
-        outb    %al, $PIC1_CMD
-        outb    %al, $PIC2_CMD
-        mov     $IRQ_BASE, %al                  # ICW2
-        outb    %al, $PIC1_DATA
-        mov     $IRQ_BASE + 8, %al
-        outb    %al, $PIC2_DATA
-        mov     $1 << 2, %al                    # ICW3
-        outb    %al, $PIC1_DATA
-        mov     $2, %al
-        outb    %al, $PIC2_DATA
-        mov     $1, %al                         # ICW4: 8086 mode
-        outb    %al, $PIC1_DATA
-        outb    %al, $PIC2_DATA
+        call    init_pics
         mov     $~(1 << 2) & 0xff, %al          # master: only the cascade
         outb    %al, $PIC1_DATA
         mov     $~(1 << (VIRTIO_IRQ - 8)) & 0xff, %al   # slave: only IRQ 12
@@ -507,15 +474,7 @@ hdr_reserved:   .long 0
 hdr_sector:     .quad 0
 idbuf:          .skip 21
 
-        .p2align 2
-        .word   0
-idt_pointer:
-        .word   8 * IDT_ENTRIES - 1
-        .long   idt
-
         .section .bss
-        .p2align 3
-idt:            .skip 8 * IDT_ENTRIES
         .p2align 12
 desc:           .skip 16*QSIZE                  # 16-byte aligned
         .p2align 8
