@@ -64,7 +64,7 @@ class EventNotifier:
     """
 
     # Slots: drain() runs on every wake-up of the io thread (see MainLoop's).
-    __slots__ = ("kind", "tracer", "read_fd", "write_fd", "_eventfd", "_bell", "closed")
+    __slots__ = ("kind", "tracer", "read_fd", "write_fd", "_bell", "closed")
 
     def __init__(self, kind: str = "eventfd", tracer: trace.Tracer | None = None) -> None:
         if kind not in ("eventfd", "pipe"):
@@ -79,7 +79,6 @@ class EventNotifier:
             self.read_fd, self.write_fd = fd, os.dup(fd)
         else:
             self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._eventfd = kind == "eventfd"
         self._bell = _ONE if kind == "eventfd" else b"\x01"  # what notify() writes
         self.closed = False
 
@@ -113,7 +112,7 @@ class EventNotifier:
         """
         count = 0
         try:
-            if self._eventfd:
+            if self.kind == "eventfd":
                 count = _COUNTER.unpack(os.read(self.read_fd, 8))[0]
             else:
                 while True:
