@@ -1,11 +1,11 @@
 """Which CPU a benchmark's threads run on.
 
-Why pin at all: this host's two CPUs are vCPUs of a hypervisor, and a thread
-woken on the CPU its waker runs on is woken far more cheaply than one woken
-on the other CPU (an inter-processor interrupt, which the hypervisor must
-deliver).  Left to itself, the scheduler places a woken thread sometimes on
-one CPU and sometimes on the other, so an unpinned run measures a mixture
-whose proportions change from run to run.  A benchmark that compares qkio
+Why pin at all: on this book's host (two vCPUs of a hypervisor) a thread
+woken on the CPU its waker runs on was woken two to three times as fast as one
+woken on the other CPU (``qkio bench wakeup`` measures both, every run).
+Left to itself, the scheduler places a woken thread sometimes on one CPU
+and sometimes on the other, so an unpinned run measures a mixture whose
+proportions change from run to run.  A benchmark that compares qkio
 with a C reference pins both the same way, so that the comparison is of the
 same placement; ``qkio bench wakeup`` shows the two placements side by side.
 """

@@ -30,8 +30,8 @@ The sender is pinned to one CPU and the io thread to another
 (:mod:`qkio.bench.affinity`), in qkio's run, the C reference's and the
 Python floor's alike.  Left unpinned, the scheduler sometimes wakes the io
 thread on the sender's CPU and sometimes on the other, and on this host the
-two cost very differently (an inter-processor interrupt through the
-hypervisor), so an unpinned run is a mixture that changes from run to run.
+two cost very differently (``same_cpu`` below measures it), so an unpinned
+run is a mixture that changes from run to run.
 Across CPUs is the case the doorbell is for: a vCPU thread that goes on
 running while the io thread wakes beside it.  For the eventfd, the same
 three are also measured with both threads on one CPU (``same_cpu``), to
