@@ -136,8 +136,10 @@
 
 /* A POSIX semaphore of one token, used directly.  CPython's own lock is the
  * same semaphore, but its non-blocking acquire also reads the clock and
- * builds a deadline it never waits for (PyThread_acquire_lock_timed with a
- * zero timeout) -- on the exit path, twice per exit.  sem_trywait and
+ * builds a deadline it never waits for (CPython 3.11, Python/thread_pthread.h,
+ * PyThread_acquire_lock_timed: where HAVE_SEM_CLOCKWAIT, the deadline is
+ * computed before the timeout is looked at, even for a zero timeout) -- on
+ * the exit path, twice per exit.  sem_trywait and
  * sem_post are one atomic operation each when nobody waits.  A blocking
  * acquire waits in sem_wait, which a signal interrupts (EINTR), so Python's
  * signal handlers still run while a thread waits for the lock, as with
